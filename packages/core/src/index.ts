@@ -1,0 +1,48 @@
+export type {
+  Driver,
+  IsolationLevel,
+  PoolStats,
+  ReleaseOptions,
+  SessionInfo,
+  TxOptions,
+} from './driver.js'
+export {
+  type AbortKind,
+  NoActiveScopeError,
+  PoolTimeoutError,
+  ScopeAbortedError,
+  ScopeClosedError,
+  ScopedError,
+  type ScopedErrorCode,
+  SessionClosedError,
+  TransactionStateError,
+} from './errors.js'
+export type { Holder } from './holders.js'
+export type { Logger, ResolvedOptions, ScopeOptions } from './options.js'
+export {
+  createScope,
+  type JobOptions,
+  type LoopOptions,
+  OpenScope,
+  type RunOptions,
+  type Scope,
+  type ScopeStats,
+} from './scope.js'
+export {
+  Session,
+  type Hook,
+  type SessionOutcome,
+  type SessionState,
+  type TransactionMode,
+} from './session.js'
+export {
+  type DefaultConnection,
+  getDefaultScope,
+  getSession,
+  hasSession,
+  loop,
+  type Register,
+  remove,
+  runJob,
+} from './default-scope.js'
+export { channels } from './diagnostics.js'

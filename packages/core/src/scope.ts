@@ -1,0 +1,632 @@
+/**
+ * The scope registry: which session belongs to the code running now.
+ *
+ * As SQLAlchemy's `scoped_session` with a `scopefunc`, but the "scope" is an
+ * async context: every `run()`/`runJob()` (or adapter request) opens one, and
+ * `getSession()` anywhere inside it returns that scope's session.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks'
+import { channels } from './diagnostics.js'
+import type { Driver, PoolStats } from './driver.js'
+import {
+  type AbortKind,
+  NoActiveScopeError,
+  PoolTimeoutError,
+  ScopeAbortedError,
+  ScopeClosedError,
+  SessionClosedError,
+  TransactionStateError,
+} from './errors.js'
+import type { Holder } from './holders.js'
+import { type ResolvedOptions, resolveOptions, type ScopeOptions } from './options.js'
+import { Session, type SessionOutcome, type TransactionMode } from './session.js'
+
+export interface RunOptions {
+  /** The session's name in holders, stats and errors. Default `'run'` (`job:<name>` for jobs). */
+  name?: string
+  /** A request or job id, shown in holders. */
+  requestId?: string
+  /** Abort the scope (rollback-only, `session.signal` aborts) when this fires. */
+  signal?: AbortSignal
+  /** Override the scope's transaction mode for this run. */
+  transaction?: TransactionMode
+}
+
+export interface JobOptions extends RunOptions {
+  /** Abort the job (rollback, cancel its running statement) after this many ms. */
+  timeoutMs?: number
+}
+
+export interface LoopOptions extends JobOptions {
+  /** Pause between iterations. Default 0. */
+  intervalMs?: number
+  /** After a failed iteration, wait initialMs, doubling up to maxMs. Default 100 → 30 000. */
+  backoff?: { initialMs?: number; maxMs?: number }
+}
+
+export interface ScopeStats {
+  name: string
+  driver: string
+  /** Scopes (requests, jobs) running now. */
+  open: number
+  /** Sessions holding a connection now. */
+  holding: number
+  /** Sessions with a transaction open now. */
+  inTransaction: number
+  /** Sessions waiting for a connection now. */
+  waiting: number
+  totals: {
+    acquired: number
+    committed: number
+    rolledBack: number
+    destroyed: number
+    leaks: number
+    timeouts: number
+    /** Connections taken by force (maxHoldMs, shutdown timeout). */
+    forced: number
+  }
+  /** The driver's pool figures, when it reports them. */
+  pool: PoolStats | undefined
+}
+
+/**
+ * A scope of sessions over one driver (one pool).
+ *
+ * @example
+ * ```ts
+ * const scope = createScope({ driver: pgDriver(new pg.Pool()) })
+ * await scope.runJob(async () => {
+ *   await scope.getSession().use((c) => c.query('UPDATE jobs SET done = true'))
+ * }, { name: 'mark-done' })
+ * ```
+ */
+export interface Scope<C> {
+  readonly name: string
+  readonly driver: Driver<C>
+  readonly options: ResolvedOptions
+  /** The current scope's session. Throws `NoActiveScopeError` outside a scope. */
+  getSession(): Session<C>
+  /** True inside a scope of this `Scope` (whether or not it touched the database). */
+  hasSession(): boolean
+  /** Run `fn` in a new scope: commit when it resolves, roll back when it throws, release always. */
+  run<T>(fn: () => Promise<T>, opts?: RunOptions): Promise<T>
+  /** `run()` named `job:<name>`, with `timeoutMs` and `signal`. For each iteration of a worker. */
+  runJob<T>(fn: () => Promise<T>, opts?: JobOptions): Promise<T>
+  /** Run `fn` as a job forever, until `signal` aborts (after the current iteration) or the scope closes. */
+  loop(fn: () => Promise<void>, opts: LoopOptions): Promise<void>
+  /** Close the current session now (rolling back what is not committed); the next `getSession()` opens a new one. */
+  remove(): Promise<void>
+  /** For adapters: open a scope whose end the caller controls. */
+  open(opts?: RunOptions & { kind?: string }): OpenScope<C>
+  stats(): ScopeStats
+  /** Sessions holding a connection now, longest-held first. */
+  holders(): Holder[]
+  /** Refuse new scopes, wait for open ones (up to `timeoutMs`, default 10 000), destroy what remains, end the driver. */
+  close(opts?: { timeoutMs?: number }): Promise<void>
+}
+
+/** @internal What sessions see of their scope. */
+export interface ScopeCore<C> {
+  readonly name: string
+  readonly idPrefix: string
+  readonly driver: Driver<C>
+  readonly options: ResolvedOptions
+  /** No new scopes (close() was called). */
+  closed: boolean
+  /** No new checkouts (the driver is ending). */
+  ended: boolean
+  waiting: number
+  timeouts: number
+  committed: number
+  rolledBack: number
+  forced: number
+  poolTimeout(sessionName: string): PoolTimeoutError
+  acquired(session: Session<C>, waitMs: number): void
+  released(session: Session<C>, conn: C, destroy: boolean, error: unknown, heldMs: number): void
+  giveBack(conn: C): void
+  leak(session: Session<C>): void
+  report(error: unknown, during: string, session?: Session<C>): void
+}
+
+/**
+ * One open scope: a request or a job. Holds the current session (made on first
+ * `getSession()`), the abort state and the end. Adapters drive it directly:
+ *
+ * @example
+ * ```ts
+ * const open = scope.open({ name: 'GET /orders/:id' })
+ * open.enter(() => next())            // the chain runs inside the scope
+ * await open.end({ commit: status < 500 })
+ * ```
+ */
+export class OpenScope<C> {
+  readonly name: string
+  readonly requestId: string | undefined
+  /** `request`, `job` or `scope`: how error messages speak of it. */
+  readonly kind: string
+  /** @internal */ aborted: ScopeAbortedError | undefined
+  /** @internal Called once when the scope aborts (pending checkouts listen). */
+  readonly onAbort = new Set<() => void>()
+
+  #scope: ScopeImpl<C>
+  #mode: TransactionMode
+  #session: Session<C> | undefined
+  #removed = false
+  #ending: Promise<SessionOutcome> | undefined
+  #ended = false
+  #controller: AbortController | undefined
+  #external: AbortSignal | undefined
+  #onExternal: (() => void) | undefined
+
+  /** @internal */
+  constructor(scope: ScopeImpl<C>, opts: RunOptions & { kind?: string }, name: string) {
+    this.#scope = scope
+    this.name = name
+    this.kind = opts.kind ?? 'scope'
+    this.requestId = opts.requestId
+    this.#mode = opts.transaction ?? scope.options.transaction
+    const signal = opts.signal
+    if (signal) {
+      if (signal.aborted) this.abort('signal')
+      else {
+        this.#external = signal
+        this.#onExternal = () => this.abort('signal', { cancel: true })
+        signal.addEventListener('abort', this.#onExternal, { once: true })
+      }
+    }
+  }
+
+  /** True once `end()` finished: `getSession()` from work left behind now throws. */
+  get ended(): boolean {
+    return this.#ended
+  }
+
+  /** Aborted when the scope is aborted (client abort, timeout, signal, shutdown). */
+  get signal(): AbortSignal {
+    if (!this.#controller) {
+      this.#controller = new AbortController()
+      if (this.aborted) this.#controller.abort(this.aborted)
+    }
+    return this.#controller.signal
+  }
+
+  /** The current session, made on first use; after `remove()`, a new one. */
+  get session(): Session<C> {
+    return this.current('session')
+  }
+
+  /** @internal */
+  current(call: string): Session<C> {
+    const s = this.#session
+    if (this.#ended || this.#ending) {
+      if (s) return s // closed or closing: its every call throws SessionClosedError, naming it
+      throw new SessionClosedError(
+        { id: '-', name: this.name },
+        call,
+        `its ${this.kind} already ended`,
+        undefined,
+      )
+    }
+    if (s && !(this.#removed && s.state === 'closed')) return s
+    this.#removed = false
+    this.#session = new Session(this.#scope.core, this, this.name, this.#mode)
+    return this.#session
+  }
+
+  /** The session if one was made, without making one. */
+  get existingSession(): Session<C> | undefined {
+    return this.#session
+  }
+
+  /** Run `fn` (synchronously) inside this scope: `getSession()` in it, and in all it starts, is ours. */
+  enter<T>(fn: () => T): T {
+    return this.#scope.als.run(this, fn)
+  }
+
+  /**
+   * Abort: the unit of work becomes rollback-only, `session.signal` aborts, a
+   * pending checkout stops waiting, and (with `cancel`) the running statement is
+   * cancelled on the server. The connection is NOT released here: that waits
+   * for `end()`, after the handler settled.
+   */
+  abort(kind: AbortKind, opts: { detail?: string; cancel?: boolean } = {}): void {
+    if (this.aborted || this.#ended) return
+    this.aborted = new ScopeAbortedError(this.name, kind, opts.detail)
+    this.#controller?.abort(this.aborted)
+    for (const fn of this.onAbort) fn()
+    this.#session?.onAbort(opts.cancel ?? false)
+  }
+
+  /** @internal remove(): close the current session now; the next getSession() opens another. */
+  async remove(): Promise<void> {
+    const s = this.#session
+    if (!s || s.state === 'closed') return
+    this.#removed = true
+    await s.close({ commit: false })
+  }
+
+  /**
+   * End the scope: close its session (COMMIT when `commit` and nothing made it
+   * rollback-only, else ROLLBACK), release the connection, and end the scope.
+   * Runs once; later calls return the same promise. Rejects when a commit was
+   * asked for and did not happen: COMMIT failed, the scope was aborted, or its
+   * connection was taken by force.
+   */
+  end(opts: { commit: boolean }): Promise<SessionOutcome> {
+    this.#ending ??= this.#end(opts.commit)
+    return this.#ending
+  }
+
+  async #end(commit: boolean): Promise<SessionOutcome> {
+    const s = this.#session
+    try {
+      const outcome = s ? await s.close({ commit }) : 'empty'
+      if (commit && this.aborted) throw this.aborted
+      if (commit && s?.forced) {
+        throw new TransactionStateError(
+          `The unit of work of '${this.name}' was not committed: ${s.closedReason}.`,
+        )
+      }
+      return outcome
+    } finally {
+      this.#ended = true
+      if (this.#external && this.#onExternal) {
+        this.#external.removeEventListener('abort', this.#onExternal)
+      }
+      this.#scope.frameEnded(this)
+    }
+  }
+}
+
+let scopeCount = 0
+
+/** @internal */
+export class ScopeImpl<C> implements Scope<C> {
+  readonly name: string
+  readonly driver: Driver<C>
+  readonly options: ResolvedOptions
+  readonly als = new AsyncLocalStorage<OpenScope<C>>()
+  readonly core: ScopeCore<C>
+  #open = new Set<OpenScope<C>>()
+  #holding = new Set<Session<C>>()
+  #totals = { acquired: 0, destroyed: 0, leaks: 0 }
+  #idle: (() => void) | undefined
+  #closing: Promise<void> | undefined
+
+  constructor(options: ScopeOptions<C>) {
+    this.options = resolveOptions(options)
+    this.driver = options.driver
+    this.name = this.options.name
+    const scope = this
+    const totals = this.#totals
+    const holding = this.#holding
+    this.core = {
+      name: this.name,
+      idPrefix: `${++scopeCount > 1 ? `${scopeCount}.` : ''}`,
+      driver: this.driver,
+      options: this.options,
+      closed: false,
+      ended: false,
+      waiting: 0,
+      timeouts: 0,
+      committed: 0,
+      rolledBack: 0,
+      forced: 0,
+      poolTimeout: (sessionName) =>
+        new PoolTimeoutError(
+          scope.name,
+          sessionName,
+          scope.options.acquireTimeoutMs,
+          scope.#poolStats(),
+          scope.holders(),
+        ),
+      acquired(session, waitMs) {
+        totals.acquired++
+        holding.add(session)
+        if (channels.acquire.hasSubscribers) {
+          channels.acquire.publish({ scope: scope.name, session, waitMs })
+        }
+      },
+      released(session, conn, destroy, error, heldMs) {
+        holding.delete(session)
+        if (destroy) totals.destroyed++
+        if (channels.release.hasSubscribers) {
+          channels.release.publish({ scope: scope.name, session, heldMs, destroyed: destroy })
+        }
+        try {
+          const r = scope.driver.release(conn, { destroy, ...(error !== undefined && { error }) })
+          if (r && typeof (r as Promise<void>).catch === 'function') {
+            ;(r as Promise<void>).catch((e) => scope.core.report(e, 'release', session))
+          }
+        } catch (e) {
+          scope.core.report(e, 'release', session)
+        }
+      },
+      giveBack(conn) {
+        try {
+          const r = scope.driver.release(conn, { destroy: false })
+          if (r && typeof (r as Promise<void>).catch === 'function') {
+            ;(r as Promise<void>).catch((e) => scope.core.report(e, 'release'))
+          }
+        } catch (e) {
+          scope.core.report(e, 'release')
+        }
+      },
+      leak(session) {
+        const h = session.holder(performance.now())
+        if (!h) return
+        totals.leaks++
+        scope.options.logger.warn(
+          `[scoped] Possible connection leak: session '${h.name}' (${h.id}) of scope '${scope.name}' has held a connection for ${h.heldMs} ms (leakDetectionMs: ${scope.options.leakDetectionMs}), state ${h.state}.` +
+            (h.stack
+              ? `\nAcquired at:\n${h.stack}`
+              : ' Set captureStacks: true to see where it was acquired.'),
+        )
+        if (channels.leak.hasSubscribers) {
+          channels.leak.publish({ scope: scope.name, session, holder: h })
+        }
+      },
+      report(error, during, session) {
+        if (channels.error.hasSubscribers) {
+          channels.error.publish({ scope: scope.name, session, error, during })
+        }
+        const onError = scope.options.onError
+        if (onError) {
+          onError(error, { during, ...(session && { session: session.name }) })
+        } else {
+          scope.options.logger.error(
+            `[scoped] ${during} failed${session ? ` in session '${session.name}'` : ''} (scope '${scope.name}'):`,
+            error,
+          )
+        }
+      },
+    }
+  }
+
+  getSession(): Session<C> {
+    const open = this.als.getStore()
+    if (!open) throw new NoActiveScopeError(this.name, 'getSession()')
+    return open.current('getSession()')
+  }
+
+  hasSession(): boolean {
+    const open = this.als.getStore()
+    return open !== undefined && !open.ended
+  }
+
+  open(opts: RunOptions & { kind?: string } = {}): OpenScope<C> {
+    validateRunOptions(opts, 'open')
+    if (this.core.closed) throw new ScopeClosedError(this.name, 'open()')
+    const open = new OpenScope(this, opts, opts.name ?? 'run')
+    this.#open.add(open)
+    return open
+  }
+
+  async run<T>(fn: () => Promise<T>, opts: RunOptions = {}): Promise<T> {
+    if (typeof fn !== 'function') throw new TypeError(`run(fn): fn must be a function, got ${typeof fn}`)
+    validateRunOptions(opts, 'run')
+    if (this.core.closed) throw new ScopeClosedError(this.name, 'run()')
+    return this.#runIn(new OpenScope(this, opts, opts.name ?? 'run'), fn)
+  }
+
+  async #runIn<T>(open: OpenScope<C>, fn: () => Promise<T>): Promise<T> {
+    this.#open.add(open)
+    let result: T
+    try {
+      result = await open.enter(fn)
+    } catch (e) {
+      try {
+        await open.end({ commit: false })
+      } catch (closeErr) {
+        this.core.report(closeErr, 'rollback', open.existingSession)
+      }
+      throw e
+    }
+    await open.end({ commit: true })
+    return result
+  }
+
+  async runJob<T>(fn: () => Promise<T>, opts: JobOptions = {}): Promise<T> {
+    if (typeof fn !== 'function') throw new TypeError(`runJob(fn): fn must be a function, got ${typeof fn}`)
+    validateRunOptions(opts, 'runJob')
+    const { timeoutMs } = opts
+    if (timeoutMs !== undefined && !(Number.isFinite(timeoutMs) && timeoutMs > 0)) {
+      throw new TypeError(`runJob(fn, { timeoutMs }): expected a finite number > 0, got ${timeoutMs}`)
+    }
+    if (this.core.closed) throw new ScopeClosedError(this.name, 'runJob()')
+    const name = `job:${opts.name ?? (fn.name || 'anonymous')}`
+    const open = new OpenScope(this, { ...opts, kind: 'job' }, name)
+    if (timeoutMs === undefined) return this.#runIn(open, fn)
+    const timer = setTimeout(
+      () => open.abort('timeout', { detail: `timeoutMs: ${timeoutMs}`, cancel: true }),
+      timeoutMs,
+    )
+    try {
+      return await this.#runIn(open, fn)
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  async loop(fn: () => Promise<void>, opts: LoopOptions): Promise<void> {
+    if (typeof fn !== 'function') throw new TypeError(`loop(fn): fn must be a function, got ${typeof fn}`)
+    if (typeof opts !== 'object' || opts === null) {
+      throw new TypeError('loop(fn, opts): opts is required, with at least a signal to stop the loop')
+    }
+    const { signal, intervalMs = 0, backoff = {}, ...jobOpts } = opts
+    if (!(signal instanceof AbortSignal)) {
+      throw new TypeError(
+        `loop(fn, { signal }): expected an AbortSignal to stop the loop, got ${typeof signal}. A loop without one can never stop cleanly.`,
+      )
+    }
+    if (!(Number.isFinite(intervalMs) && intervalMs >= 0)) {
+      throw new TypeError(`loop(fn, { intervalMs }): expected a finite number >= 0, got ${intervalMs}`)
+    }
+    const initialMs = backoff.initialMs ?? 100
+    const maxMs = backoff.maxMs ?? 30_000
+    if (!(Number.isFinite(initialMs) && initialMs >= 0)) {
+      throw new TypeError(`loop(fn, { backoff: { initialMs } }): expected a finite number >= 0, got ${initialMs}`)
+    }
+    if (!(Number.isFinite(maxMs) && maxMs >= initialMs)) {
+      throw new TypeError(`loop(fn, { backoff: { maxMs } }): expected a finite number >= initialMs, got ${maxMs}`)
+    }
+    let failures = 0
+    const name = jobOpts.name ?? (fn.name || 'loop')
+    while (!signal.aborted && !this.core.closed) {
+      try {
+        // The loop's signal stops the loop, not the iteration: the current job finishes.
+        await this.runJob(fn, { ...jobOpts, name })
+        failures = 0
+        if (intervalMs > 0) await pause(intervalMs, signal)
+      } catch (e) {
+        if (e instanceof ScopeClosedError) break
+        failures++
+        this.core.report(e, `loop iteration (job:${name}, failure ${failures} in a row)`)
+        await pause(Math.min(maxMs, initialMs * 2 ** (failures - 1)), signal)
+      }
+    }
+  }
+
+  async remove(): Promise<void> {
+    const open = this.als.getStore()
+    if (!open) throw new NoActiveScopeError(this.name, 'remove()')
+    await open.remove()
+  }
+
+  stats(): ScopeStats {
+    let inTransaction = 0
+    for (const s of this.#holding) if (s.inTransaction) inTransaction++
+    return {
+      name: this.name,
+      driver: this.driver.name,
+      open: this.#open.size,
+      holding: this.#holding.size,
+      inTransaction,
+      waiting: this.core.waiting,
+      totals: {
+        acquired: this.#totals.acquired,
+        committed: this.core.committed,
+        rolledBack: this.core.rolledBack,
+        destroyed: this.#totals.destroyed,
+        leaks: this.#totals.leaks,
+        timeouts: this.core.timeouts,
+        forced: this.core.forced,
+      },
+      pool: this.#poolStats(),
+    }
+  }
+
+  holders(): Holder[] {
+    const now = performance.now()
+    const list: Holder[] = []
+    for (const s of this.#holding) {
+      const h = s.holder(now)
+      if (h) list.push(h)
+    }
+    return list.sort((a, b) => b.heldMs - a.heldMs)
+  }
+
+  close(opts: { timeoutMs?: number } = {}): Promise<void> {
+    const timeoutMs = opts.timeoutMs ?? 10_000
+    if (!(Number.isFinite(timeoutMs) && timeoutMs >= 0)) {
+      throw new TypeError(`close({ timeoutMs }): expected a finite number >= 0, got ${timeoutMs}`)
+    }
+    this.#closing ??= this.#close(timeoutMs)
+    return this.#closing
+  }
+
+  async #close(timeoutMs: number): Promise<void> {
+    this.core.closed = true
+    if (defaultScope === this) defaultScope = undefined
+    if (this.#open.size > 0) {
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([
+        new Promise<void>((resolve) => {
+          this.#idle = resolve
+        }),
+        new Promise<void>((resolve) => {
+          timer = setTimeout(resolve, timeoutMs)
+        }),
+      ])
+      clearTimeout(timer)
+    }
+    this.core.ended = true
+    for (const open of this.#open) open.abort('shutdown', { cancel: true })
+    for (const s of [...this.#holding]) {
+      this.core.forced++
+      s.forceRelease(`its connection was destroyed because scope.close() timed out after ${timeoutMs} ms`)
+    }
+    await this.driver.end?.()
+  }
+
+  /** @internal */
+  frameEnded(open: OpenScope<C>): void {
+    this.#open.delete(open)
+    if (this.#open.size === 0 && this.#idle) this.#idle()
+  }
+
+  #poolStats(): PoolStats | undefined {
+    try {
+      return this.driver.poolStats?.()
+    } catch {
+      return undefined
+    }
+  }
+}
+
+function pause(ms: number, signal: AbortSignal): Promise<void> {
+  if (ms <= 0 || signal.aborted) return Promise.resolve()
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(t)
+      signal.removeEventListener('abort', done)
+      resolve()
+    }
+    const t = setTimeout(done, ms)
+    signal.addEventListener('abort', done, { once: true })
+  })
+}
+
+function validateRunOptions(opts: RunOptions, call: string): void {
+  if (typeof opts !== 'object' || opts === null) {
+    throw new TypeError(`${call}(fn, opts): opts must be an object, got ${opts === null ? 'null' : typeof opts}`)
+  }
+  if (opts.name !== undefined && (typeof opts.name !== 'string' || opts.name === '')) {
+    throw new TypeError(`${call}(fn, { name }): expected a non-empty string, got ${typeof opts.name}`)
+  }
+  if (opts.signal !== undefined && !(opts.signal instanceof AbortSignal)) {
+    throw new TypeError(`${call}(fn, { signal }): expected an AbortSignal, got ${typeof opts.signal}`)
+  }
+  if (opts.transaction !== undefined && opts.transaction !== 'auto' && opts.transaction !== 'none') {
+    throw new TypeError(`${call}(fn, { transaction }): expected 'auto' or 'none', got ${JSON.stringify(opts.transaction)}`)
+  }
+}
+
+/** @internal The scope that top-level `getSession()` & co. use. */
+export let defaultScope: ScopeImpl<any> | undefined
+
+/**
+ * Create a scope over a driver.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg'
+ * import { createScope } from '@scoped/core'
+ * import { pgDriver } from '@scoped/pg'
+ *
+ * export const scope = createScope({ driver: pgDriver(new pg.Pool({ max: 10 })), name: 'main' })
+ * ```
+ */
+export function createScope<C>(options: ScopeOptions<C>): Scope<C> {
+  const scope = new ScopeImpl(options)
+  if (scope.options.default) {
+    if (defaultScope) {
+      throw new Error(
+        `createScope({ name: '${scope.name}' }): the default scope is already '${defaultScope.name}'. ` +
+          'Pass default: false for every scope after the first (and use its own getSession()), or close the first one.',
+      )
+    }
+    defaultScope = scope
+  }
+  return scope
+}

@@ -1,0 +1,775 @@
+/**
+ * The Session: one unit of work on at most one pooled connection.
+ *
+ * The lifecycle is one explicit state machine. Phases and the transitions
+ * between them (every one is named, and `#to` refuses any other):
+ *
+ *   idle ──acquire──▶ acquiring ──acquired──▶ holding
+ *     ▲                  │                       │
+ *     └──acquireFailed───┘                       │
+ *   idle / holding ──close──▶ closing ──released──▶ closed
+ *   holding ──forceRelease (maxHoldMs, shutdown)──▶ closed
+ *
+ * Transaction state lives beside the phase: a stack of transaction frames,
+ * empty when no transaction is open. Frame 0 is the real transaction (BEGIN),
+ * frames above it are savepoints.
+ */
+import type { Driver, TxOptions } from './driver.js'
+import { channels } from './diagnostics.js'
+import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
+import { callSite, type Holder, stackFrames, userFrames } from './holders.js'
+import type { OpenScope as Frame, ScopeCore } from './scope.js'
+
+export type SessionState = 'idle' | 'active' | 'closed'
+export type TransactionMode = 'auto' | 'none'
+export type Hook = () => void | Promise<void>
+
+/** How a closed session ended. `empty`: it never held a connection and had nothing to do. */
+export type SessionOutcome = 'committed' | 'rolled-back' | 'destroyed' | 'empty'
+
+type Phase = 'idle' | 'acquiring' | 'holding' | 'closing' | 'closed'
+
+const transitions: Record<string, [from: Phase[], to: Phase]> = {
+  acquire: [['idle'], 'acquiring'],
+  acquired: [['acquiring'], 'holding'],
+  acquireFailed: [['acquiring'], 'idle'],
+  close: [['idle', 'acquiring', 'holding'], 'closing'],
+  released: [['closing'], 'closed'],
+  forceRelease: [['holding', 'closing'], 'closed'],
+}
+type Transition = keyof typeof transitions
+
+interface TxFrame {
+  /** undefined for the real transaction, the savepoint's name above it. */
+  savepoint: string | undefined
+  /** Opened by `transaction(fn)` (its end is fn's end), not by the unit of work. */
+  explicit: boolean
+  afterCommit: Hook[]
+  afterRollback: Hook[]
+}
+
+let nextId = 0
+
+/**
+ * A request's or job's database session. Get it with `getSession()`; it checks
+ * a connection out lazily, on the first `connection()` or `use()`.
+ *
+ * @example
+ * ```ts
+ * const rows = await getSession().use((client) => client.query('SELECT 1'))
+ * ```
+ */
+export class Session<C = unknown> {
+  readonly id: string
+  readonly name: string
+  readonly requestId: string | undefined
+
+  #core: ScopeCore<C>
+  #frame: Frame<C>
+  #mode: TransactionMode
+  #phase: Phase = 'idle'
+  #conn: C | undefined
+  /** The shared promise of "connection checked out and, in 'auto' mode, BEGIN sent". */
+  #ready: Promise<C> | undefined
+  /** The shared checkout in flight, so concurrent first uses never check out twice. */
+  #acquiring: Promise<void> | undefined
+  /** close() was called: no new work is accepted, even before the phase moves on. */
+  #closeRequested = false
+  #tx: TxFrame[] = []
+  /** Hooks registered in 'auto' mode before the unit of work's BEGIN. */
+  #pending: TxFrame | undefined
+  #rollbackOnly = false
+  #savepoints = 0
+  /** Tracked work in flight (use() and transaction()); close() waits for it. */
+  #inFlight = 0
+  /** use() calls in flight: the `querying` state of holders. */
+  #running = 0
+  #drained: (() => void) | undefined
+  #heldSince = 0
+  #acquireStack: string | undefined
+  /** A connection-level error seen on this connection: it will be destroyed. */
+  #broken: unknown
+  /** COMMIT/ROLLBACK failed: the transaction state is unknown, destroy on release. */
+  #dirty = false
+  #timers: NodeJS.Timeout[] | undefined
+  #closing: Promise<SessionOutcome> | undefined
+  #outcome: SessionOutcome | undefined
+  #closedHow = ''
+  #forced = false
+  #closedAt: string | undefined
+
+  /** @internal Sessions are made by their scope; use `getSession()`. */
+  constructor(core: ScopeCore<C>, frame: Frame<C>, name: string, mode: TransactionMode) {
+    this.#core = core
+    this.#frame = frame
+    this.#mode = mode
+    this.name = name
+    this.requestId = frame.requestId
+    this.id = `${core.idPrefix}${(++nextId).toString(36)}`
+  }
+
+  /** `idle`: no connection held; `active`: holding one; `closed`: ended, every call throws. */
+  get state(): SessionState {
+    if (this.#phase === 'closed') return 'closed'
+    return this.#conn === undefined ? 'idle' : 'active'
+  }
+
+  /** True once a transaction (BEGIN) is open on the connection. */
+  get inTransaction(): boolean {
+    return this.#tx.length > 0
+  }
+
+  /** How the session ended, once it is closed. */
+  /** True when the connection was taken by force (maxHoldMs, shutdown timeout). */
+  get forced(): boolean {
+    return this.#forced
+  }
+
+  /** Why the session is closed, in words (for messages), once it is. */
+  get closedReason(): string {
+    return this.#closedHow
+  }
+
+  /** How a closed session ended, once it is closed. */
+  get outcome(): SessionOutcome | undefined {
+    return this.#outcome
+  }
+
+  /** Aborted when the request or job is aborted (client gone, timeout, signal, shutdown). */
+  get signal(): AbortSignal {
+    return this.#frame.signal
+  }
+
+  /**
+   * The session's connection, checked out on first call (and, in 'auto' mode,
+   * inside a BEGIN). Concurrent first calls share one checkout. The use is not
+   * tracked: prefer `use()`, which `close()` waits for.
+   */
+  connection(): Promise<C> {
+    const err = this.#unusable('connection()')
+    if (err) return Promise.reject(err)
+    return this.#ready ?? this.#prepare()
+  }
+
+  /**
+   * Run `fn` with the session's connection, as a tracked use: the session is not
+   * closed (and the connection not released) while `fn` runs.
+   *
+   * @example
+   * ```ts
+   * const { rows } = await getSession().use((c) => c.query('SELECT * FROM orders WHERE id = $1', [id]))
+   * ```
+   */
+  async use<T>(fn: (conn: C) => Promise<T>): Promise<T> {
+    const err = this.#unusable('use()')
+    if (err) throw err
+    this.#inFlight++
+    this.#running++
+    try {
+      const conn = await (this.#ready ?? this.#prepare())
+      try {
+        return await fn(conn)
+      } catch (e) {
+        this.#noteError(conn, e)
+        throw e
+      }
+    } finally {
+      this.#running--
+      this.#settle()
+    }
+  }
+
+  /**
+   * Run `fn` in a transaction. Outermost: BEGIN … COMMIT (ROLLBACK if `fn`
+   * throws), re-run on retryable errors when `retry` is set. Nested: a
+   * SAVEPOINT, rolled back to (and the error rethrown) if `fn` throws;
+   * `afterCommit` hooks registered inside a rolled-back savepoint are dropped.
+   *
+   * @example
+   * ```ts
+   * await getSession().transaction(async () => { await debit(); await credit() },
+   *   { isolation: 'serializable', retry: { attempts: 3 } })
+   * ```
+   */
+  async transaction<T>(fn: () => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    const err = this.#unusable('transaction()')
+    if (err) throw err
+    validateTxOptions(opts)
+    this.#inFlight++
+    try {
+      if (this.#tx.length > 0) return await this.#nested(fn, opts)
+      return await this.#outermost(fn, opts)
+    } finally {
+      this.#settle()
+    }
+  }
+
+  /**
+   * Commit the open transaction now. In 'auto' mode the next statement begins
+   * a new one. Inside `transaction(fn)`, return from `fn` instead.
+   */
+  async commit(): Promise<void> {
+    const err = this.#unusable('commit()')
+    if (err) throw err
+    const root = this.#tx[0]
+    if (this.#tx.length > 1 || root?.explicit) {
+      throw new TransactionStateError(
+        `commit() on session '${this.name}' inside transaction(fn): the transaction ends when fn returns. Fix: return from fn instead of calling commit().`,
+      )
+    }
+    if (this.#rollbackOnly || this.#frame.aborted) {
+      const why = this.#frame.aborted ? this.#frame.aborted.message : 'setRollbackOnly() was called'
+      await this.#endTransaction(false)
+      throw new TransactionStateError(
+        `commit() on session '${this.name}' rolled back instead: the unit of work is rollback-only (${why}).`,
+      )
+    }
+    await this.#endTransaction(true)
+  }
+
+  /** Roll the open transaction back now. In 'auto' mode the next statement begins a new one. */
+  async rollback(): Promise<void> {
+    const err = this.#unusable('rollback()')
+    if (err) throw err
+    if (this.#tx.length > 1 || this.#tx[0]?.explicit) {
+      throw new TransactionStateError(
+        `rollback() on session '${this.name}' inside transaction(fn): the transaction ends when fn returns. Fix: throw from fn to roll it back.`,
+      )
+    }
+    await this.#endTransaction(false)
+  }
+
+  /** Run `fn` after the enclosing transaction really commits (never if it, or its savepoint, rolls back). */
+  afterCommit(fn: Hook): void {
+    this.#hook('afterCommit', fn)
+  }
+
+  /** Run `fn` after the enclosing transaction (or savepoint) rolls back. */
+  afterRollback(fn: Hook): void {
+    this.#hook('afterRollback', fn)
+  }
+
+  /** The unit of work will roll back at its end, whatever happens; an explicit commit() throws. */
+  setRollbackOnly(): void {
+    const err = this.#unusable('setRollbackOnly()')
+    if (err) throw err
+    this.#rollbackOnly = true
+  }
+
+  /**
+   * End the session: wait for tracked uses, COMMIT (when `commit` is true and
+   * nothing marked it rollback-only) or ROLLBACK, run hooks, release the
+   * connection. Runs once; later calls return the same promise. Scopes and
+   * adapters call this; in application code use `remove()`.
+   */
+  close(opts: { commit?: boolean } = {}): Promise<SessionOutcome> {
+    if (this.#closing) return this.#closing
+    const commit = opts.commit ?? true
+    this.#closeRequested = true
+    this.#closing = this.#close(commit)
+    return this.#closing
+  }
+
+  /** @internal A holder row for `scope.holders()`, or undefined when no connection is held. */
+  holder(now: number): Holder | undefined {
+    if (this.#conn === undefined || this.#phase === 'closed') return undefined
+    const stack = stackFrames(this.#acquireStack)
+    return {
+      id: this.id,
+      name: this.name,
+      ...(this.requestId !== undefined && { requestId: this.requestId }),
+      heldMs: Math.round(now - this.#heldSince),
+      state: this.#running > 0 ? 'querying' : this.#tx.length > 0 ? 'in-transaction' : 'idle',
+      ...(stack !== undefined && { site: callSite(this.#acquireStack), stack }),
+    }
+  }
+
+  /** @internal The frame was aborted: stop waiting for a connection, cancel the statement if asked. */
+  onAbort(cancel: boolean): void {
+    if (cancel && this.#conn !== undefined && this.#running > 0) {
+      const conn = this.#conn
+      this.#core.driver.cancel?.(conn).catch((e) => this.#core.report(e, 'cancel', this))
+    }
+  }
+
+  /**
+   * @internal Take the connection away now and destroy it (maxHoldMs,
+   * shutdown timeout), even under running work. The session is closed.
+   */
+  forceRelease(reason: string): void {
+    if (this.#phase !== 'holding' && this.#phase !== 'closing') return
+    const conn = this.#conn as C
+    this.#closedHow = reason
+    this.#forced = true
+    this.#noteClosedAt()
+    this.#to('forceRelease')
+    this.#outcome = 'destroyed'
+    this.#rejectHooks()
+    this.#finishRelease(conn, true, new Error(reason))
+    this.#drained?.()
+  }
+
+  // ── transitions ────────────────────────────────────────────────────────
+
+  #to(t: Transition): void {
+    const [from, to] = transitions[t]!
+    if (!from.includes(this.#phase)) {
+      throw new TransactionStateError(
+        `Session '${this.name}' cannot ${t} while ${this.#phase} (internal state error; please report it).`,
+      )
+    }
+    this.#phase = to
+  }
+
+  #prepare(): Promise<C> {
+    return this.#setReady(
+      (async () => {
+        await this.#checkout()
+        if (this.#mode === 'auto' && this.#tx.length === 0) await this.#begin({}, false)
+        return this.#conn as C
+      })(),
+    )
+  }
+
+  /** Cache `ready` for concurrent callers; a failed one is not cached, so the next call tries again. */
+  #setReady(ready: Promise<C>): Promise<C> {
+    this.#ready = ready
+    ready.catch(() => {
+      if (this.#ready === ready) this.#ready = undefined
+    })
+    return ready
+  }
+
+  #checkout(): Promise<void> {
+    if (this.#conn !== undefined) return Promise.resolve()
+    this.#acquiring ??= this.#acquire().finally(() => {
+      this.#acquiring = undefined
+    })
+    return this.#acquiring
+  }
+
+  async #acquire(): Promise<void> {
+    const core = this.#core
+    if (core.ended) throw new ScopeClosedError(core.name, `Session '${this.name}' checkout`)
+    this.#to('acquire')
+    core.waiting++
+    const started = performance.now()
+    const ac = new AbortController()
+    const timer = setTimeout(() => {
+      core.timeouts++
+      const err = core.poolTimeout(this.name)
+      if (channels.timeout.hasSubscribers) {
+        channels.timeout.publish({ scope: core.name, session: this, error: err })
+      }
+      ac.abort(err)
+    }, core.options.acquireTimeoutMs)
+    const onFrameAbort = () => ac.abort(this.#frame.aborted)
+    if (this.#frame.aborted) ac.abort(this.#frame.aborted)
+    else this.#frame.onAbort.add(onFrameAbort)
+    let conn: C
+    try {
+      conn = await abortable(core.driver.acquire(ac.signal), ac.signal, (late) =>
+        // The driver delivered after we gave up: straight back, never leaked.
+        core.giveBack(late),
+      )
+    } catch (e) {
+      if (this.#phase === 'acquiring') this.#to('acquireFailed')
+      throw e
+    } finally {
+      clearTimeout(timer)
+      this.#frame.onAbort.delete(onFrameAbort)
+      core.waiting--
+    }
+    if (this.#phase !== 'acquiring') {
+      // The session was closed while we waited (close() of an untracked connection() call).
+      core.giveBack(conn)
+      throw this.#closedError('connection()')
+    }
+    this.#conn = conn
+    this.#heldSince = performance.now()
+    this.#to('acquired')
+    if (core.options.captureStacks) this.#acquireStack = new Error('acquired here').stack
+    core.acquired(this, this.#heldSince - started)
+    const { leakDetectionMs, maxHoldMs } = core.options
+    if (leakDetectionMs > 0 || maxHoldMs > 0) {
+      this.#timers = []
+      if (leakDetectionMs > 0) {
+        this.#timers.push(unrefTimer(() => core.leak(this), leakDetectionMs))
+      }
+      if (maxHoldMs > 0) {
+        this.#timers.push(
+          unrefTimer(() => {
+            core.forced++
+            this.forceRelease(
+              `its connection was destroyed after being held ${maxHoldMs} ms (maxHoldMs)`,
+            )
+          }, maxHoldMs),
+        )
+      }
+    }
+  }
+
+  async #begin(opts: TxOptions, explicit: boolean): Promise<void> {
+    const driver = this.#core.driver
+    if (!driver.begin) {
+      throw new TransactionStateError(
+        `transaction() on session '${this.name}': driver '${driver.name}' has no begin(); it cannot run transactions.`,
+      )
+    }
+    const conn = this.#conn as C
+    const frame: TxFrame = {
+      savepoint: undefined,
+      explicit,
+      afterCommit: this.#pending?.afterCommit ?? [],
+      afterRollback: this.#pending?.afterRollback ?? [],
+    }
+    this.#pending = undefined
+    // Pushed before BEGIN resolves, so concurrent first statements see the transaction.
+    this.#tx.push(frame)
+    try {
+      await driver.begin(conn, opts, this)
+    } catch (e) {
+      this.#tx.length = 0
+      this.#pending = frame
+      this.#noteError(conn, e)
+      this.#dirty = true
+      throw e
+    }
+  }
+
+  async #outermost<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
+    const attempts = opts.retry?.attempts ?? 1
+    const backoffMs = opts.retry?.backoffMs ?? 10
+    for (let attempt = 1; ; attempt++) {
+      await this.#checkout()
+      if (this.#ready) await this.#ready
+      if (this.#tx.length > 0) {
+        // Another first use began the unit of work meanwhile: we are nested in it.
+        return this.#nested(fn, opts)
+      }
+      const conn = this.#conn as C
+      await this.#setReady(this.#begin(opts, true).then(() => conn))
+      let result: T
+      try {
+        result = await fn()
+      } catch (e) {
+        if (this.#tx.length > 0) await this.#endTransaction(false, e)
+        if (attempt < attempts && this.#core.driver.isRetryable?.(e) && !this.#frame.aborted) {
+          await sleep(backoffMs * 2 ** (attempt - 1) * (0.5 + Math.random()))
+          continue
+        }
+        throw e
+      }
+      try {
+        await this.#endTransaction(true)
+      } catch (e) {
+        if (attempt < attempts && this.#core.driver.isRetryable?.(e) && !this.#frame.aborted) {
+          await sleep(backoffMs * 2 ** (attempt - 1) * (0.5 + Math.random()))
+          continue
+        }
+        throw e
+      }
+      return result
+    }
+  }
+
+  async #nested<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
+    const root = this.#tx[0]
+    if (opts.isolation !== undefined || opts.readOnly !== undefined) {
+      throw new TransactionStateError(
+        `transaction() on session '${this.name}' is nested in an open transaction, so it is a savepoint and cannot set ` +
+          `${opts.isolation !== undefined ? 'isolation' : 'readOnly'}. Fix: call it before the first statement of the unit of work, ` +
+          `or run the scope with transaction: 'none'.`,
+      )
+    }
+    const driver = this.#core.driver
+    if (!driver.savepoint || !driver.rollbackToSavepoint || !driver.releaseSavepoint) {
+      throw new TransactionStateError(
+        `nested transaction() on session '${this.name}': driver '${driver.name}' has no savepoint support.`,
+      )
+    }
+    const conn = await (this.#ready ?? this.#prepare())
+    const name = `scoped_sp_${++this.#savepoints}`
+    const frame: TxFrame = { savepoint: name, explicit: true, afterCommit: [], afterRollback: [] }
+    await driver.savepoint(conn, name)
+    this.#tx.push(frame)
+    let result: T
+    try {
+      result = await fn()
+    } catch (e) {
+      this.#popFrame(frame)
+      try {
+        await driver.rollbackToSavepoint(conn, name)
+      } catch (rbErr) {
+        this.#noteError(conn, rbErr)
+        this.#dirty = true
+        throw e
+      }
+      await this.#runHooks(frame.afterRollback, 'afterRollback')
+      throw e
+    }
+    this.#popFrame(frame)
+    await driver.releaseSavepoint(conn, name)
+    const parent = this.#tx[this.#tx.length - 1] ?? root!
+    parent.afterCommit.push(...frame.afterCommit)
+    parent.afterRollback.push(...frame.afterRollback)
+    return result
+  }
+
+  #popFrame(frame: TxFrame): void {
+    if (this.#tx[this.#tx.length - 1] !== frame) {
+      this.#dirty = true
+      throw new TransactionStateError(
+        `transaction() calls on session '${this.name}' overlapped (two ran at once at the same depth). ` +
+          'Fix: await one transaction() before starting the next in the same session.',
+      )
+    }
+    this.#tx.pop()
+  }
+
+  /** COMMIT or ROLLBACK the real transaction, then run its hooks. */
+  async #endTransaction(commit: boolean, cause?: unknown): Promise<void> {
+    const root = this.#tx[0]
+    const conn = this.#conn
+    if (!root || conn === undefined) {
+      // Nothing began: an empty unit of work. Its hooks still learn how it ended.
+      const pending = this.#pending
+      this.#pending = undefined
+      this.#rollbackOnly = false
+      if (pending) {
+        await this.#runHooks(
+          commit ? pending.afterCommit : pending.afterRollback,
+          commit ? 'afterCommit' : 'afterRollback',
+        )
+      }
+      return
+    }
+    const driver = this.#core.driver
+    this.#tx.length = 0
+    this.#ready = undefined
+    this.#rollbackOnly = false
+    if (commit) {
+      if (this.#broken !== undefined) {
+        await this.#rollbackQuietly(conn)
+        this.#core.rolledBack++
+        await this.#runHooks(root.afterRollback, 'afterRollback')
+        throw new TransactionStateError(
+          `COMMIT of session '${this.name}' was not attempted: its connection failed earlier and will be destroyed.`,
+          { cause: this.#broken },
+        )
+      }
+      try {
+        await driver.commit!(conn)
+      } catch (e) {
+        this.#noteError(conn, e)
+        // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
+        await this.#rollbackQuietly(conn)
+        this.#core.rolledBack++
+        await this.#runHooks(root.afterRollback, 'afterRollback')
+        throw e
+      }
+      this.#core.committed++
+      if (channels.commit.hasSubscribers) channels.commit.publish({ scope: this.#core.name, session: this })
+      await this.#runHooks(root.afterCommit, 'afterCommit')
+    } else {
+      await this.#rollbackQuietly(conn, cause)
+      this.#core.rolledBack++
+      if (channels.rollback.hasSubscribers) channels.rollback.publish({ scope: this.#core.name, session: this })
+      await this.#runHooks(root.afterRollback, 'afterRollback')
+    }
+  }
+
+  async #rollbackQuietly(conn: C, cause?: unknown): Promise<void> {
+    if (this.#broken !== undefined) return // a dead connection is destroyed; the server discards its transaction
+    try {
+      await this.#core.driver.rollback?.(conn)
+    } catch (e) {
+      this.#noteError(conn, e)
+      this.#dirty = true
+      if (cause === undefined) this.#core.report(e, 'rollback', this)
+    }
+  }
+
+  async #close(commit: boolean): Promise<SessionOutcome> {
+    if (this.#inFlight > 0) {
+      await new Promise<void>((resolve) => {
+        this.#drained = resolve
+      })
+    }
+    this.#clearTimers()
+    if (this.#phase === 'closed') return this.#outcome! // force-released while we waited
+    this.#to('close')
+    const wantCommit = commit && !this.#rollbackOnly && !this.#frame.aborted
+    const conn = this.#conn
+    this.#closedHow = `it was closed when its ${this.#frame.kind} ended`
+    this.#noteClosedAt()
+    let failure: unknown
+    if (this.#tx.length > 0) {
+      try {
+        await this.#endTransaction(wantCommit)
+      } catch (e) {
+        failure = e
+      }
+    } else {
+      await this.#endEmptyUnit(wantCommit)
+    }
+    const committed = wantCommit && failure === undefined
+    const destroy = this.#broken !== undefined || this.#dirty
+    this.#outcome = destroy ? 'destroyed' : conn === undefined ? 'empty' : committed ? 'committed' : 'rolled-back'
+    if (conn !== undefined) this.#finishRelease(conn, destroy, this.#broken)
+    this.#to('released')
+    if (failure !== undefined) throw failure
+    return this.#outcome
+  }
+
+  /** No transaction is open at the end: hooks registered for the unit of work still learn its fate. */
+  async #endEmptyUnit(commit: boolean): Promise<void> {
+    const pending = this.#pending
+    this.#pending = undefined
+    if (pending) {
+      await this.#runHooks(commit ? pending.afterCommit : pending.afterRollback, 'close')
+    }
+  }
+
+  #finishRelease(conn: C, destroy: boolean, error: unknown): void {
+    this.#clearTimers()
+    this.#conn = undefined
+    this.#ready = undefined
+    this.#tx.length = 0
+    this.#core.released(this, conn, destroy, error, performance.now() - this.#heldSince)
+  }
+
+  #clearTimers(): void {
+    if (this.#timers) for (const t of this.#timers) clearTimeout(t)
+    this.#timers = undefined
+  }
+
+  #rejectHooks(): void {
+    const hooks = this.#tx.flatMap((f) => f.afterRollback)
+    this.#tx.length = 0
+    void this.#runHooks(hooks, 'afterRollback')
+  }
+
+  #settle(): void {
+    if (--this.#inFlight === 0 && this.#drained) {
+      const d = this.#drained
+      this.#drained = undefined
+      d()
+    }
+  }
+
+  #noteError(conn: C, e: unknown): void {
+    if (this.#broken === undefined && this.#core.driver.isFatal?.(conn, e)) this.#broken = e
+  }
+
+  #noteClosedAt(): void {
+    if (this.#core.options.captureStacks) this.#closedAt = userFrames(new Error().stack)
+  }
+
+  #hook(kind: 'afterCommit' | 'afterRollback', fn: Hook): void {
+    if (typeof fn !== 'function') throw new TypeError(`${kind}(fn): fn must be a function, got ${typeof fn}`)
+    const err = this.#unusable(`${kind}()`)
+    if (err) throw err
+    const top = this.#tx[this.#tx.length - 1]
+    if (top) {
+      top[kind].push(fn)
+    } else if (this.#mode === 'auto') {
+      this.#pending ??= { savepoint: undefined, explicit: false, afterCommit: [], afterRollback: [] }
+      this.#pending[kind].push(fn)
+    } else if (kind === 'afterCommit') {
+      // Autocommit: nothing is pending, so "after commit" is now (as Django's on_commit).
+      void this.#runHooks([fn], kind)
+    }
+    // afterRollback outside a transaction in autocommit: nothing can roll back, nothing to run.
+  }
+
+  /** In order, one after another; an error is reported and never fails the commit. */
+  async #runHooks(hooks: Hook[], during: string): Promise<void> {
+    for (const h of hooks) {
+      try {
+        await h()
+      } catch (e) {
+        this.#core.report(e, during, this)
+      }
+    }
+  }
+
+  #unusable(call: string): Error | undefined {
+    if (this.#closeRequested || this.#phase === 'closed') return this.#closedError(call)
+    return this.#frame.aborted
+  }
+
+  #closedError(call: string): Error {
+    const how = this.#closedHow || `it is closing (its ${this.#frame.kind} ended)`
+    return new SessionClosedError(this, call, how, this.#closedAt)
+  }
+}
+
+function unrefTimer(fn: () => void, ms: number): NodeJS.Timeout {
+  const t = setTimeout(fn, ms)
+  t.unref()
+  return t
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms))
+}
+
+/** Race `p` against `signal`; a value that arrives after the abort goes to `late`. */
+function abortable<T>(p: Promise<T>, signal: AbortSignal, late: (v: T) => void): Promise<T> {
+  if (signal.aborted) {
+    p.then(late, () => {})
+    return Promise.reject(signal.reason)
+  }
+  return new Promise<T>((resolve, reject) => {
+    let done = false
+    const onAbort = () => {
+      if (done) return
+      done = true
+      reject(signal.reason)
+    }
+    signal.addEventListener('abort', onAbort, { once: true })
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort)
+        if (done) late(v)
+        else {
+          done = true
+          resolve(v)
+        }
+      },
+      (e) => {
+        signal.removeEventListener('abort', onAbort)
+        if (!done) {
+          done = true
+          reject(e)
+        }
+      },
+    )
+  })
+}
+
+const isolations = new Set(['read committed', 'repeatable read', 'serializable'])
+
+function validateTxOptions(opts: TxOptions): void {
+  if (typeof opts !== 'object' || opts === null) {
+    throw new TypeError(`transaction(fn, opts): opts must be an object, got ${opts === null ? 'null' : typeof opts}`)
+  }
+  if (opts.isolation !== undefined && !isolations.has(opts.isolation)) {
+    throw new TypeError(
+      `transaction(fn, { isolation }): expected 'read committed', 'repeatable read' or 'serializable', got ${JSON.stringify(opts.isolation)}`,
+    )
+  }
+  if (opts.readOnly !== undefined && typeof opts.readOnly !== 'boolean') {
+    throw new TypeError(`transaction(fn, { readOnly }): expected a boolean, got ${typeof opts.readOnly}`)
+  }
+  if (opts.retry !== undefined) {
+    const { attempts, backoffMs } = opts.retry
+    if (!Number.isInteger(attempts) || attempts < 1) {
+      throw new TypeError(`transaction(fn, { retry: { attempts } }): expected an integer >= 1, got ${attempts}`)
+    }
+    if (backoffMs !== undefined && !(Number.isFinite(backoffMs) && backoffMs >= 0)) {
+      throw new TypeError(`transaction(fn, { retry: { backoffMs } }): expected a finite number >= 0, got ${backoffMs}`)
+    }
+  }
+}

@@ -1,0 +1,285 @@
+/**
+ * The node-postgres driver: sessions check `pg.PoolClient`s out of a `pg.Pool`.
+ */
+import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
+import { TransactionStateError } from '@scoped/core'
+import type pg from 'pg'
+import { isFatalPgError, isRetryablePgError } from './errors.js'
+
+export interface PgDriverOptions {
+  /**
+   * `SET LOCAL statement_timeout` at the start of every transaction. Per
+   * transaction, so it is safe behind PgBouncer in transaction pooling mode.
+   */
+  statementTimeoutMs?: number
+  /**
+   * `SET LOCAL application_name` at the start of every transaction, so
+   * `pg_stat_activity` shows who holds a backend. `'auto'`: the session's name
+   * (e.g. `GET /orders/:id`, `job:sync`).
+   */
+  applicationName?: string | 'auto'
+  /**
+   * Check (`SELECT 1`) a client that sat idle in the pool longer than this
+   * before handing it out, so a connection broken by a server restart never
+   * reaches a request. Default 30 000; 0 = never check.
+   */
+  validateIdleMs?: number
+  /** Called with errors of idle clients in the pool (pg-pool drops them). Default: `console.warn`. */
+  onIdleError?: (error: Error) => void
+}
+
+interface ClientState {
+  error: Error | undefined
+  releasedAt: number
+}
+
+const known = new Set(['statementTimeoutMs', 'applicationName', 'validateIdleMs', 'onIdleError'])
+const poolsWithListener = new WeakSet<object>()
+
+function check(name: string, v: unknown, ok: boolean, expected: string): void {
+  if (!ok) {
+    const got = typeof v === 'number' || typeof v === 'string' ? JSON.stringify(v) : v === null ? 'null' : typeof v
+    throw new TypeError(`pgDriver(pool, { ${name} }): expected ${expected}, got ${got}`)
+  }
+}
+
+function isPool(pool: unknown): pool is pg.Pool {
+  const p = pool as Record<string, unknown> | null
+  return (
+    typeof p === 'object' &&
+    p !== null &&
+    typeof p.connect === 'function' &&
+    typeof p.query === 'function' &&
+    typeof p.on === 'function' &&
+    typeof p.totalCount === 'number'
+  )
+}
+
+function quoteIdent(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`
+}
+
+function quoteLiteral(value: string): string {
+  // Standard-conforming strings are on by default since PostgreSQL 9.1.
+  return `'${value.replace(/'/g, "''")}'`
+}
+
+/**
+ * A `Driver` over a node-postgres `Pool`.
+ *
+ * - listens for `error` on every client it checks out and on the pool (an
+ *   unhandled one would crash the process), and destroys a client that errored;
+ * - destroys, instead of returning, a client whose transaction status is not
+ *   idle at release, so a half-open transaction never reaches the next request;
+ * - applies session settings with `SET LOCAL` inside the transaction.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg'
+ * import { createScope } from '@scoped/core'
+ * import { pgDriver } from '@scoped/pg'
+ *
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL, max: 10 })
+ * export const scope = createScope({ driver: pgDriver(pool, { statementTimeoutMs: 5_000 }) })
+ * ```
+ */
+export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<pg.PoolClient> {
+  if (!isPool(pool)) {
+    throw new TypeError(
+      'pgDriver(pool): expected a pg.Pool (an object with connect(), query(), on() and totalCount), ' +
+        `got ${pool === null ? 'null' : typeof pool}. Pass new pg.Pool({ ... }), not a pg.Client or a connection string.`,
+    )
+  }
+  if (typeof options !== 'object' || options === null) {
+    throw new TypeError(`pgDriver(pool, options): expected an object, got ${options === null ? 'null' : typeof options}`)
+  }
+  for (const key of Object.keys(options)) {
+    if (!known.has(key)) {
+      throw new TypeError(`pgDriver(pool, { ${key} }): unknown option. Known options: ${[...known].join(', ')}`)
+    }
+  }
+  const { statementTimeoutMs, applicationName, validateIdleMs = 30_000, onIdleError } = options
+  check(
+    'statementTimeoutMs',
+    statementTimeoutMs,
+    statementTimeoutMs === undefined || (Number.isInteger(statementTimeoutMs) && statementTimeoutMs >= 0),
+    'an integer number of milliseconds >= 0',
+  )
+  check(
+    'applicationName',
+    applicationName,
+    applicationName === undefined || (typeof applicationName === 'string' && applicationName.length > 0),
+    "a non-empty string or 'auto'",
+  )
+  check(
+    'validateIdleMs',
+    validateIdleMs,
+    Number.isFinite(validateIdleMs) && validateIdleMs >= 0,
+    'a finite number of milliseconds >= 0',
+  )
+  check('onIdleError', onIdleError, onIdleError === undefined || typeof onIdleError === 'function', 'a function')
+
+  const states = new WeakMap<pg.PoolClient, ClientState>()
+  if (!poolsWithListener.has(pool)) {
+    poolsWithListener.add(pool)
+    // An idle client's error (server restart, network) is emitted on the pool, which drops the
+    // client; without a listener it would crash the process.
+    pool.on('error', (err) => {
+      if (onIdleError) onIdleError(err)
+      else console.warn(`[scoped/pg] an idle pooled connection failed and was dropped: ${err.message}`)
+    })
+  }
+
+  const settings = (info: SessionInfo | undefined): string => {
+    let sql = ''
+    if (statementTimeoutMs !== undefined) sql += `; SET LOCAL statement_timeout = ${statementTimeoutMs}`
+    const app = applicationName === 'auto' ? info?.name : applicationName
+    if (app !== undefined) sql += `; SET LOCAL application_name = ${quoteLiteral(app.slice(0, 63))}`
+    return sql
+  }
+
+  const track = (client: pg.PoolClient): ClientState => {
+    let state = states.get(client)
+    if (!state) {
+      const s: ClientState = { error: undefined, releasedAt: 0 }
+      states.set(client, s)
+      // Attached once per client, for its whole life: a checked-out client has no other listener.
+      client.on('error', (err) => {
+        s.error ??= err
+      })
+      state = s
+    }
+    return state
+  }
+
+  const acquire = async (signal: AbortSignal): Promise<pg.PoolClient> => {
+    // A client that fails validation is destroyed and another is tried; bounded by the pool size.
+    const attempts = (pool.options?.max ?? 10) + 1
+    for (let i = 0; ; i++) {
+      signal.throwIfAborted()
+      const client = await pool.connect()
+      const state = track(client)
+      if (state.error) {
+        client.release(state.error)
+        continue
+      }
+      if (validateIdleMs > 0 && state.releasedAt > 0 && performance.now() - state.releasedAt > validateIdleMs) {
+        try {
+          await client.query('SELECT 1')
+        } catch (err) {
+          client.release(err instanceof Error ? err : true)
+          if (i + 1 >= attempts) throw err
+          continue
+        }
+      }
+      return client
+    }
+  }
+
+  const driver: Driver<pg.PoolClient> = {
+    name: 'pg',
+    acquire,
+    release(client, { destroy, error }) {
+      const state = states.get(client)
+      const dirty = client.getTransactionStatus?.() !== undefined && client.getTransactionStatus() !== 'I'
+      const reason = error ?? state?.error
+      if (destroy || dirty || state?.error) {
+        const err =
+          reason instanceof Error
+            ? reason
+            : new Error(dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg')
+        client.release(err)
+        return
+      }
+      if (state) state.releasedAt = performance.now()
+      client.release()
+    },
+    async begin(client, opts: TxOptions, info?: SessionInfo) {
+      let sql = 'BEGIN'
+      if (opts.isolation) sql += ` ISOLATION LEVEL ${opts.isolation.toUpperCase()}`
+      if (opts.readOnly !== undefined) sql += opts.readOnly ? ' READ ONLY' : ' READ WRITE'
+      // One round trip: BEGIN and the SET LOCALs go as one simple-protocol message.
+      await client.query(sql + settings(info))
+    },
+    async commit(client) {
+      const result = await client.query('COMMIT')
+      if (result.command === 'ROLLBACK') {
+        throw new TransactionStateError(
+          'COMMIT was turned into ROLLBACK by PostgreSQL: a statement in this transaction failed ' +
+            'earlier and its error was caught, so nothing was committed. Fix: let the error propagate, ' +
+            'or run the statement that may fail in a nested transaction(fn) (a savepoint) to recover from it.',
+        )
+      }
+    },
+    async rollback(client) {
+      await client.query('ROLLBACK')
+    },
+    async savepoint(client, name) {
+      await client.query(`SAVEPOINT ${quoteIdent(name)}`)
+    },
+    async releaseSavepoint(client, name) {
+      await client.query(`RELEASE SAVEPOINT ${quoteIdent(name)}`)
+    },
+    async rollbackToSavepoint(client, name) {
+      await client.query(`ROLLBACK TO SAVEPOINT ${quoteIdent(name)}`)
+    },
+    cancel: (client) => cancelBackend(client),
+    isFatal(client, error) {
+      return states.get(client)?.error !== undefined || isFatalPgError(error)
+    },
+    isRetryable: isRetryablePgError,
+    poolStats(): PoolStats {
+      return {
+        total: pool.totalCount,
+        idle: pool.idleCount,
+        waiting: pool.waitingCount,
+        max: pool.options?.max ?? 10,
+      }
+    },
+    async end() {
+      if (!pool.ended && !(pool as { ending?: boolean }).ending) await pool.end()
+    },
+  }
+  return Object.freeze(driver)
+}
+
+/**
+ * Cancel the statement running on `client` with the protocol's CancelRequest:
+ * a short extra connection carrying the backend's pid and secret key. It needs
+ * no free pool slot and no authentication.
+ */
+function cancelBackend(client: pg.PoolClient): Promise<void> {
+  const c = client as unknown as {
+    processID?: number
+    secretKey?: number
+    host?: string
+    port?: number
+    connection?: { constructor: new () => CancelConnection }
+  }
+  if (c.processID === undefined || c.secretKey === undefined || !c.connection) return Promise.resolve()
+  const Connection = c.connection.constructor
+  return new Promise<void>((resolve) => {
+    const con = new Connection()
+    const done = () => {
+      clearTimeout(timer)
+      resolve()
+    }
+    const timer = setTimeout(() => {
+      con.end?.()
+      done()
+    }, 5_000)
+    timer.unref()
+    con.on('connect', () => con.cancel(c.processID!, c.secretKey!))
+    con.on('end', done)
+    con.on('error', done)
+    if (c.host?.startsWith('/')) con.connect(`${c.host}/.s.PGSQL.${c.port}`)
+    else con.connect(c.port ?? 5432, c.host ?? 'localhost')
+  })
+}
+
+interface CancelConnection {
+  connect(portOrPath: number | string, host?: string): void
+  cancel(processID: number, secretKey: number): void
+  on(event: string, fn: (...args: unknown[]) => void): void
+  end?(): void
+}

@@ -1,0 +1,58 @@
+/**
+ * Which node-postgres errors kill the connection, and which mean "run the
+ * transaction again". By SQLSTATE where the server sent one, by the socket
+ * error or pg's own message where it did not.
+ */
+
+/** SQLSTATEs after which the backend (or the socket) is gone. */
+const fatalStates = new Set([
+  '57P01', // admin_shutdown: pg_terminate_backend, server shutdown
+  '57P02', // crash_shutdown
+  '57P03', // cannot_connect_now
+  '57P05', // idle_session_timeout
+  '25P03', // idle_in_transaction_session_timeout
+  'XX000', // internal_error: not safe to reuse
+])
+
+const fatalSocketCodes = new Set([
+  'ECONNRESET',
+  'ECONNREFUSED',
+  'EPIPE',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ERR_STREAM_DESTROYED',
+  'ERR_STREAM_WRITE_AFTER_END',
+])
+
+const fatalMessages = [
+  'Connection terminated',
+  'Client has encountered a connection error and is not queryable',
+  'Client was closed and is not queryable',
+  'Query read timeout',
+]
+
+function codeOf(error: unknown): string | undefined {
+  if (typeof error === 'object' && error !== null && 'code' in error) {
+    const code = (error as { code: unknown }).code
+    return typeof code === 'string' ? code : undefined
+  }
+  return undefined
+}
+
+/** True when the error means the connection must never be reused. */
+export function isFatalPgError(error: unknown): boolean {
+  const code = codeOf(error)
+  if (code !== undefined) {
+    if (fatalStates.has(code) || code.startsWith('08')) return true // class 08: connection exception
+    if (fatalSocketCodes.has(code)) return true
+  }
+  const message = error instanceof Error ? error.message : ''
+  return fatalMessages.some((m) => message.includes(m))
+}
+
+/** True for serialization failures (40001) and deadlocks (40P01): the transaction can simply run again. */
+export function isRetryablePgError(error: unknown): boolean {
+  const code = codeOf(error)
+  return code === '40001' || code === '40P01'
+}
