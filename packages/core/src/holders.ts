@@ -36,8 +36,3 @@ export function userFrames(stack: string | undefined): string | undefined {
   const mine = lines.filter((l) => !internal.test(l))
   return (mine.length > 0 ? mine : lines).join('\n')
 }
-
-/** A stack without its first line (the error message), for logs. */
-export function stackFrames(stack: string | undefined): string | undefined {
-  return stack?.split('\n').slice(1).join('\n')
-}

@@ -241,6 +241,13 @@ export class OpenScope<C> {
   async remove(): Promise<void> {
     const s = this.#session
     if (!s || s.state === 'closed') return
+    if (s.inExplicitTransaction) {
+      // close() waits for tracked work, and the transaction(fn) we are inside is tracked work.
+      throw new TransactionStateError(
+        `remove() on session '${s.name}' inside transaction(fn) would wait for itself. ` +
+          'Fix: call remove() after the transaction(fn) returns.',
+      )
+    }
     this.#removed = true
     await s.close({ commit: false })
   }

@@ -17,7 +17,7 @@
 import type { Driver, TxOptions } from './driver.js'
 import { channels } from './diagnostics.js'
 import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
-import { callSite, type Holder, stackFrames, userFrames } from './holders.js'
+import { callSite, type Holder, userFrames } from './holders.js'
 import type { OpenScope as Frame, ScopeCore } from './scope.js'
 
 export type SessionState = 'idle' | 'active' | 'closed'
@@ -120,6 +120,11 @@ export class Session<C = unknown> {
   }
 
   /** How the session ended, once it is closed. */
+  /** @internal True inside transaction(fn) (or a savepoint), where close() would wait for itself. */
+  get inExplicitTransaction(): boolean {
+    return this.#tx.some((f) => f.explicit)
+  }
+
   /** True when the connection was taken by force (maxHoldMs, shutdown timeout). */
   get forced(): boolean {
     return this.#forced
@@ -273,7 +278,7 @@ export class Session<C = unknown> {
   /** @internal A holder row for `scope.holders()`, or undefined when no connection is held. */
   holder(now: number): Holder | undefined {
     if (this.#conn === undefined || this.#phase === 'closed') return undefined
-    const stack = stackFrames(this.#acquireStack)
+    const stack = userFrames(this.#acquireStack)
     return {
       id: this.id,
       name: this.name,
@@ -342,6 +347,10 @@ export class Session<C = unknown> {
 
   #checkout(): Promise<void> {
     if (this.#conn !== undefined) return Promise.resolve()
+    // Captured synchronously, while the caller's frames are still on the stack.
+    if (this.#core.options.captureStacks && !this.#acquiring) {
+      this.#acquireStack = new Error('acquired here').stack
+    }
     this.#acquiring ??= this.#acquire().finally(() => {
       this.#acquiring = undefined
     })
@@ -388,7 +397,6 @@ export class Session<C = unknown> {
     this.#conn = conn
     this.#heldSince = performance.now()
     this.#to('acquired')
-    if (core.options.captureStacks) this.#acquireStack = new Error('acquired here').stack
     core.acquired(this, this.#heldSince - started)
     const { leakDetectionMs, maxHoldMs } = core.options
     if (leakDetectionMs > 0 || maxHoldMs > 0) {
