@@ -6,7 +6,7 @@
  */
 import { createScope, PoolTimeoutError } from '@scoped/core'
 import { pgDriver } from '@scoped/pg'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it } from 'vitest'
 import { testDatabase } from '../support/db.ts'
 import {
   expectNoIdleInTransaction,

@@ -202,6 +202,16 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
       await client.query(sql + settings(info))
     },
     async commit(client) {
+      const lost = states.get(client)?.error
+      if (lost) {
+        // pg would only say "not queryable"; say what happened to the transaction, and why.
+        throw new TransactionStateError(
+          `COMMIT was not sent: the connection failed before it (${lost.message}), so PostgreSQL ` +
+            'discarded the transaction and nothing was committed. Fix: retry the unit of work; ' +
+            'the broken connection is destroyed, not returned to the pool.',
+          { cause: lost },
+        )
+      }
       const result = await client.query('COMMIT')
       if (result.command === 'ROLLBACK') {
         throw new TransactionStateError(
