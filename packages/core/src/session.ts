@@ -310,6 +310,9 @@ export class Session<C = unknown> {
     this.#to('forceRelease')
     this.#outcome = 'destroyed'
     this.#rejectHooks()
+    // Destroying the socket does not stop the server: a backend busy in a statement runs it to
+    // the end (holding its locks) before it notices. Cancel it too; harmless if it is idle.
+    this.#core.driver.cancel?.(conn).catch((e) => this.#core.report(e, 'cancel', this))
     this.#finishRelease(conn, true, new Error(reason))
     this.#drained?.()
   }
