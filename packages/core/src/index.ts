@@ -45,4 +45,14 @@ export {
   remove,
   runJob,
 } from './default-scope.js'
-export { channels } from './diagnostics.js'
+export {
+  type AcquireMessage,
+  type CloseMessage,
+  type CommitMessage,
+  channels,
+  type ErrorMessage,
+  type LeakMessage,
+  type ReleaseMessage,
+  type RollbackMessage,
+  type TimeoutMessage,
+} from './diagnostics.js'

@@ -338,7 +338,14 @@ export class ScopeImpl<C> implements Scope<C> {
         holding.delete(session)
         if (destroy) totals.destroyed++
         if (channels.release.hasSubscribers) {
-          channels.release.publish({ scope: scope.name, session, heldMs, destroyed: destroy })
+          channels.release.publish({
+            scope: scope.name,
+            session,
+            heldMs,
+            destroyed: destroy,
+            outcome: session.outcome,
+            ...(error !== undefined && { error }),
+          })
         }
         try {
           const r = scope.driver.release(conn, { destroy, ...(error !== undefined && { error }) })
@@ -364,7 +371,7 @@ export class ScopeImpl<C> implements Scope<C> {
         if (!h) return
         totals.leaks++
         scope.options.logger.warn(
-          `[scoped] Possible connection leak: session '${h.name}' (${h.id}) of scope '${scope.name}' has held a connection for ${h.heldMs} ms (leakDetectionMs: ${scope.options.leakDetectionMs}), state ${h.state}.` +
+          `[scoped] Possible connection leak: session '${h.name}' (${h.id}${h.requestId !== undefined ? `, request ${h.requestId}` : ''}) of scope '${scope.name}' has held a connection for ${h.heldMs} ms (leakDetectionMs: ${scope.options.leakDetectionMs}), state ${h.state}.` +
             (h.stack
               ? `\nAcquired at:\n${h.stack}`
               : ' Set captureStacks: true to see where it was acquired.'),

@@ -97,6 +97,8 @@ export class Session<C = unknown> {
   #closedHow = ''
   #forced = false
   #closedAt: string | undefined
+  /** For the `scoped:close` event's duration. */
+  #createdAt = performance.now()
 
   /** @internal Sessions are made by their scope; use `getSession()`. */
   constructor(core: ScopeCore<C>, frame: Frame<C>, name: string, mode: TransactionMode) {
@@ -314,6 +316,7 @@ export class Session<C = unknown> {
     // the end (holding its locks) before it notices. Cancel it too; harmless if it is idle.
     this.#core.driver.cancel?.(conn).catch((e) => this.#core.report(e, 'cancel', this))
     this.#finishRelease(conn, true, new Error(reason))
+    this.#publishClose()
     this.#drained?.()
   }
 
@@ -371,7 +374,8 @@ export class Session<C = unknown> {
       core.timeouts++
       const err = core.poolTimeout(this.name)
       if (channels.timeout.hasSubscribers) {
-        channels.timeout.publish({ scope: core.name, session: this, error: err })
+        const waitMs = performance.now() - started
+        channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
       }
       ac.abort(err)
     }, core.options.acquireTimeoutMs)
@@ -563,6 +567,7 @@ export class Session<C = unknown> {
       if (this.#broken !== undefined) {
         await this.#rollbackQuietly(conn)
         this.#core.rolledBack++
+        this.#publishRollback(this.#broken)
         await this.#runHooks(root.afterRollback, 'afterRollback')
         throw new TransactionStateError(
           `COMMIT of session '${this.name}' was not attempted: its connection failed earlier and will be destroyed.`,
@@ -576,6 +581,7 @@ export class Session<C = unknown> {
         // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
         await this.#rollbackQuietly(conn)
         this.#core.rolledBack++
+        this.#publishRollback(e)
         await this.#runHooks(root.afterRollback, 'afterRollback')
         throw e
       }
@@ -585,8 +591,18 @@ export class Session<C = unknown> {
     } else {
       await this.#rollbackQuietly(conn, cause)
       this.#core.rolledBack++
-      if (channels.rollback.hasSubscribers) channels.rollback.publish({ scope: this.#core.name, session: this })
+      this.#publishRollback(cause)
       await this.#runHooks(root.afterRollback, 'afterRollback')
+    }
+  }
+
+  #publishRollback(error: unknown): void {
+    if (channels.rollback.hasSubscribers) {
+      channels.rollback.publish({
+        scope: this.#core.name,
+        session: this,
+        ...(error !== undefined && { error }),
+      })
     }
   }
 
@@ -629,6 +645,7 @@ export class Session<C = unknown> {
     this.#outcome = destroy ? 'destroyed' : conn === undefined ? 'empty' : committed ? 'committed' : 'rolled-back'
     if (conn !== undefined) this.#finishRelease(conn, destroy, this.#broken)
     this.#to('released')
+    this.#publishClose()
     if (failure !== undefined) throw failure
     return this.#outcome
   }
@@ -639,6 +656,18 @@ export class Session<C = unknown> {
     this.#pending = undefined
     if (pending) {
       await this.#runHooks(commit ? pending.afterCommit : pending.afterRollback, 'close')
+    }
+  }
+
+  /** Once per session: both ways into 'closed' (released, forceRelease) call it. */
+  #publishClose(): void {
+    if (channels.close.hasSubscribers) {
+      channels.close.publish({
+        scope: this.#core.name,
+        session: this,
+        outcome: this.#outcome,
+        durationMs: performance.now() - this.#createdAt,
+      })
     }
   }
 
