@@ -1,0 +1,102 @@
+/**
+ * The options of `scopedSession()`, checked once when the middleware is made,
+ * so a typo fails at startup with a TypeError naming the option, not at the
+ * first request.
+ */
+import type { Context } from 'hono'
+import { routeName } from './route-name.js'
+
+/** What `commitOn` is asked about: the status the response carries. */
+export interface CommitOutcome {
+  /** The status of the response the chain produced (after `app.onError`, if it ran). */
+  status: number
+  /**
+   * What was thrown in the chain. Always `undefined` when `commitOn` is asked:
+   * a thrown error (an `Error` handled by `app.onError`, or any other value)
+   * rolls back without asking. The field is here so one `commitOn` function
+   * fits every `@scoped/*` adapter.
+   */
+  error: unknown
+}
+
+export interface ScopedSessionOptions {
+  /**
+   * The session's name in holders, stats, leak warnings and errors (and in
+   * `pg_stat_activity` with `pgDriver(pool, { applicationName: 'auto' })`).
+   * Default: the method and the route pattern, e.g. `GET /orders/:id`.
+   */
+  name?: (c: Context) => string
+  /**
+   * Commit the unit of work for this outcome? Asked only when nothing was
+   * thrown. Default: `status < 500` (so a returned 404 commits, a returned 500
+   * rolls back).
+   *
+   * @example
+   * ```ts
+   * app.use(scopedSession(scope, { commitOn: ({ status }) => status < 400 }))
+   * ```
+   */
+  commitOn?: (outcome: CommitOutcome) => boolean
+  /**
+   * When the client goes away, also cancel the statement running on the
+   * server (PostgreSQL `pg_cancel_backend` semantics). Default `false`: the
+   * statement runs to its end, its result is discarded and the unit of work
+   * rolls back. Either way the handler's next statement fails with
+   * `ScopeAbortedError`.
+   */
+  cancelOnAbort?: boolean
+}
+
+/** @internal */
+export interface ResolvedSessionOptions {
+  name: (c: Context) => string
+  commitOn: (outcome: CommitOutcome) => boolean
+  cancelOnAbort: boolean
+}
+
+const known = ['name', 'commitOn', 'cancelOnAbort']
+
+function describe(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v)
+  if (typeof v === 'number' || typeof v === 'boolean') return String(v)
+  return v === null ? 'null' : typeof v
+}
+
+const defaultCommitOn = ({ status }: CommitOutcome): boolean => status < 500
+
+/** @internal Check every option and fill in the defaults. */
+export function resolveSessionOptions(options: unknown): ResolvedSessionOptions {
+  if (options === undefined) {
+    return { name: routeName, commitOn: defaultCommitOn, cancelOnAbort: false }
+  }
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) {
+    throw new TypeError(
+      `scopedSession(scope, options): options must be an object, got ${describe(options)}`,
+    )
+  }
+  const o = options as Record<string, unknown>
+  for (const key of Object.keys(o)) {
+    if (!known.includes(key)) {
+      throw new TypeError(
+        `scopedSession(scope, { ${key} }): unknown option. Known options: ${known.join(', ')}`,
+      )
+    }
+  }
+  for (const key of ['name', 'commitOn'] as const) {
+    if (o[key] !== undefined && typeof o[key] !== 'function') {
+      throw new TypeError(
+        `scopedSession(scope, { ${key} }): expected a function, got ${describe(o[key])}`,
+      )
+    }
+  }
+  if (o.cancelOnAbort !== undefined && typeof o.cancelOnAbort !== 'boolean') {
+    throw new TypeError(
+      `scopedSession(scope, { cancelOnAbort }): expected a boolean, got ${describe(o.cancelOnAbort)}`,
+    )
+  }
+  return {
+    name: (o.name as ResolvedSessionOptions['name'] | undefined) ?? routeName,
+    commitOn: (o.commitOn as ResolvedSessionOptions['commitOn'] | undefined) ?? defaultCommitOn,
+    cancelOnAbort: (o.cancelOnAbort as boolean | undefined) ?? false,
+  }
+}

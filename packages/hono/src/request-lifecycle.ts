@@ -1,0 +1,151 @@
+/**
+ * One request's unit of work, from the middleware's `next()` to the last byte:
+ * who may abort it, when it ends, and the backstop that ends it when nothing
+ * else did.
+ *
+ *   chain running ──next() settled──▶ chain done ──end()──▶ ended
+ *        │                               │  (live body: end() when the body ends)
+ *        └─ client gone: abort ──────────┘
+ *   raw response 'close' after the chain settled: end() (rollback) if still open
+ *
+ * `AsyncLocalStorage` is lost in `req`/`res` event listeners, so every
+ * listener here reaches the scope through `this`, never through getSession().
+ */
+import type { OpenScope, Scope } from '@scoped/core'
+import { channels } from '@scoped/core'
+import type { Context } from 'hono'
+import { type BodyState, liveBody } from './response-body.js'
+
+/** The parts of node's `ServerResponse` (`c.env.outgoing` on `@hono/node-server`) we rely on. */
+interface RawResponse {
+  readonly writableFinished: boolean
+  readonly closed?: boolean
+  once(event: 'close', listener: () => void): unknown
+}
+
+function rawResponse(c: Context): RawResponse | undefined {
+  const env: unknown = c.env
+  if (typeof env !== 'object' || env === null) return undefined
+  const out = (env as { outgoing?: Partial<RawResponse> }).outgoing
+  if (out && typeof out.once === 'function' && typeof out.writableFinished === 'boolean') {
+    return out as RawResponse
+  }
+  return undefined
+}
+
+const noop = () => {}
+
+export class RequestLifecycle<C> {
+  #open: OpenScope<C>
+  #scope: Scope<C>
+  #cancelOnAbort: boolean
+  #chainDone = false
+  #aborted = false
+  #ending: Promise<unknown> | undefined
+  /** The live body's source, while it is being sent. */
+  #source: ReadableStreamDefaultReader<unknown> | undefined
+
+  constructor(open: OpenScope<C>, scope: Scope<C>, cancelOnAbort: boolean, c: Context) {
+    this.#open = open
+    this.#scope = scope
+    this.#cancelOnAbort = cancelOnAbort
+    const raw = rawResponse(c)
+    if (raw) {
+      // 'close' fires on every path: after a clean finish, on client aborts, on
+      // socket timeouts. Before the finish it means the client is gone.
+      if (raw.closed) this.#gone(false)
+      else raw.once('close', () => this.#gone(raw.writableFinished))
+    } else {
+      // Other runtimes (Bun, Deno, app.request()): the request's signal is all there is.
+      const signal = c.req.raw.signal
+      if (signal.aborted) this.#gone(false)
+      else signal.addEventListener('abort', () => this.#gone(false), { once: true })
+    }
+  }
+
+  /** The chain after the middleware settled: from now on a 'close' ends the unit of work. */
+  chainSettled(): void {
+    this.#chainDone = true
+  }
+
+  /** Abort the unit of work: rollback-only, `session.signal` aborts, optionally cancel the statement. */
+  abort(kind: 'client-abort' | 'timeout', cancel: boolean): void {
+    // Once end() started, the outcome is being written to the database; an
+    // abort now would only make end() report a commit that did happen as failed.
+    if (this.#ending) return
+    this.#aborted = true
+    this.#open.abort(kind, { cancel })
+  }
+
+  /** End the unit of work once (COMMIT when `commit` and not aborted); later calls share the first. */
+  end(commit: boolean): Promise<unknown> {
+    this.#ending ??= this.#open.end({ commit: commit && !this.#aborted })
+    return this.#ending
+  }
+
+  /** End with a rollback, for paths that have an error of their own to report. */
+  async rollback(): Promise<void> {
+    try {
+      await this.end(false)
+    } catch (e) {
+      this.#report(e, 'rollback at the end of the request')
+    }
+  }
+
+  /**
+   * A response carrying the live body: the unit of work ends when the body
+   * ends (COMMIT if `commit`), and a failed COMMIT errors the body, so the
+   * client sees the response break off instead of ending cleanly.
+   */
+  liveResponse(res: Response, state: Extract<BodyState, { kind: 'live' }>, commit: boolean): Response {
+    this.#source = state.reader
+    const body = liveBody(state, res.headers.has('content-length'), {
+      finish: async (ok) => {
+        this.#source = undefined
+        const wanted = ok && commit
+        try {
+          await this.end(wanted)
+          return undefined
+        } catch (error) {
+          if (!wanted) return undefined
+          this.#report(
+            error,
+            `COMMIT of '${this.#open.name}' after its streamed response (the response was cut off)`,
+          )
+          return { error }
+        }
+      },
+      cancelled: () => {
+        this.#source = undefined
+        this.abort('client-abort', this.#cancelOnAbort)
+        this.end(false).catch(noop)
+      },
+    })
+    // Not statusText: on node-server's lightweight Response it would rebuild the body we now read.
+    return new Response(body as ReadableStream<Uint8Array>, {
+      status: res.status,
+      headers: res.headers,
+    })
+  }
+
+  #gone(finished: boolean): void {
+    if (!finished) this.abort('client-abort', this.#cancelOnAbort)
+    if (!this.#chainDone) return // the middleware ends it when the handler settles
+    // The backstop: the response is over, whatever happened to it (a live body
+    // nobody read, a HEAD request, a socket destroyed mid-body).
+    const source = this.#source
+    this.#source = undefined
+    source?.cancel().catch(noop)
+    this.end(false).catch(noop)
+  }
+
+  #report(error: unknown, during: string): void {
+    const session = this.#open.existingSession
+    if (channels.error.hasSubscribers) {
+      channels.error.publish({ scope: this.#scope.name, session, error, during })
+    }
+    const { onError, logger } = this.#scope.options
+    if (onError) onError(error, { during, session: this.#open.name })
+    else logger.error(`[scoped/hono] ${during} failed (scope '${this.#scope.name}'):`, error)
+  }
+}

@@ -1,0 +1,209 @@
+/**
+ * Is the response body finished when the chain returns, or is it still being
+ * produced (Hono's `stream()`, `streamSSE()`, a `ReadableStream` the handler
+ * feeds)?
+ *
+ * A finished body lets the unit of work COMMIT before the status line is
+ * sent, so a failed commit can still become a 500. A body still being
+ * produced may query the database while it streams, so its session must live
+ * until the body ends; then the commit can only end the response abnormally.
+ *
+ * There is no flag that says which one a `Response` is (a `c.json()` body is
+ * a `ReadableStream` too, once any middleware re-wraps the response), so we
+ * ask the body itself: strings, bytes and blobs are finished by definition;
+ * a stream is read ahead for as long as it delivers without waiting for I/O
+ * (at most `readAheadLimit` bytes). If it reaches its end, it was finished
+ * and is replaced by the bytes read; if a read has to wait, its producer is
+ * still at work and the body is live. Either answer is safe: a live body
+ * never shows the client a clean end before the COMMIT succeeded.
+ */
+
+/** Read at most this much of a stream body ahead to learn whether it is finished. */
+export const readAheadLimit = 64 * 1024
+
+export type BodyState =
+  /** No body, or a body that cannot change: send `replacement` (when set) instead of the original. */
+  | { kind: 'finished'; replacement?: Response }
+  /** A body still being produced: `chunks` were read ahead, `pending` is the read in flight. */
+  | {
+      kind: 'live'
+      reader: ReadableStreamDefaultReader<unknown>
+      chunks: unknown[]
+      pending: Promise<ReadResult> | undefined
+    }
+  /** Reading the body failed: the response cannot be sent as it is. */
+  | { kind: 'failed'; error: unknown }
+
+type ReadResult = Awaited<ReturnType<ReadableStreamDefaultReader<unknown>['read']>>
+
+const waiting = Symbol('waiting')
+
+/**
+ * `@hono/node-server` replaces the global `Response` with a lightweight one
+ * that keeps `[status, body, headers]` under a private symbol and skips the
+ * web stream for string bodies. Looking there first keeps that fast path:
+ * touching `.body` would build the full Response. Found by its description
+ * because the symbol is not exported; without it we fall back to `.body`.
+ */
+let cacheSymbol: symbol | null | undefined
+
+function lightweightBody(res: Response): { body: unknown } | undefined {
+  if (cacheSymbol === null) return undefined
+  if (cacheSymbol === undefined) {
+    const found = Object.getOwnPropertySymbols(res).find((s) => s.description === 'cache')
+    if (!found) return undefined // learnt from the first response that has one
+    cacheSymbol = found
+  }
+  const cache = (res as unknown as Record<symbol, unknown>)[cacheSymbol]
+  return Array.isArray(cache) ? { body: cache[1] } : undefined
+}
+
+function isFixed(body: unknown): boolean {
+  return (
+    body === null ||
+    body === undefined ||
+    typeof body === 'string' ||
+    body instanceof Uint8Array ||
+    body instanceof ArrayBuffer ||
+    body instanceof Blob
+  )
+}
+
+/** Resolve with `p`, or with `waiting` if it needs more than the current turn of the event loop. */
+function soon<T>(p: Promise<T>): Promise<T | typeof waiting> {
+  return new Promise((resolve, reject) => {
+    const t = setImmediate(() => resolve(waiting))
+    p.then(
+      (v) => {
+        clearImmediate(t)
+        resolve(v)
+      },
+      (e) => {
+        clearImmediate(t)
+        reject(e)
+      },
+    )
+  })
+}
+
+/** Find out whether `res`'s body is finished; see the module comment. */
+export async function inspectBody(res: Response): Promise<BodyState> {
+  let stream: ReadableStream<unknown> | null
+  const cached = lightweightBody(res)
+  if (cached) {
+    if (isFixed(cached.body)) return { kind: 'finished' }
+    stream = cached.body as ReadableStream<unknown>
+  } else {
+    stream = res.body
+  }
+  if (stream === null || typeof stream.getReader !== 'function') return { kind: 'finished' }
+  // Someone else reads it already: nothing we can hold back, so treat it as sent.
+  if (stream.locked) return { kind: 'finished' }
+  const reader = stream.getReader()
+  const chunks: Uint8Array[] = []
+  let size = 0
+  try {
+    for (;;) {
+      const pending = reader.read()
+      const r = await soon(pending)
+      if (r === waiting) return { kind: 'live', reader, chunks, pending }
+      if (r.done) break
+      if (!(r.value instanceof Uint8Array)) {
+        return { kind: 'live', reader, chunks: [...chunks, r.value], pending: undefined }
+      }
+      chunks.push(r.value)
+      size += r.value.byteLength
+      if (size > readAheadLimit) return { kind: 'live', reader, chunks, pending: undefined }
+    }
+  } catch (error) {
+    return { kind: 'failed', error }
+  }
+  const bytes = new Uint8Array(size)
+  let at = 0
+  for (const c of chunks) {
+    bytes.set(c, at)
+    at += c.byteLength
+  }
+  // Not statusText: on the lightweight Response it would rebuild the full one from the stream we just read.
+  return { kind: 'finished', replacement: new Response(bytes, { status: res.status, headers: res.headers }) }
+}
+
+export interface LiveBodyHooks {
+  /** The producer's body ended (`ok`) or failed: end the unit of work; resolve with the commit's error, if any. */
+  finish(ok: boolean): Promise<{ error: unknown } | undefined>
+  /** The consumer cancelled (the client went away). */
+  cancelled(reason: unknown): void
+}
+
+/**
+ * The live body, passed through chunk by chunk, except its end: the stream
+ * closes only after `finish(true)` resolved without error, and errors
+ * otherwise, so a client never sees a clean end of a unit of work that did
+ * not commit. With a Content-Length the last chunk is held back too, since
+ * the client would take the last byte as the end.
+ */
+export function liveBody(
+  state: Extract<BodyState, { kind: 'live' }>,
+  holdLast: boolean,
+  hooks: LiveBodyHooks,
+): ReadableStream<unknown> {
+  const { reader } = state
+  const buffered = state.chunks
+  let pending = state.pending
+  let held: unknown
+  let holding = false
+  let ended = false
+  const next = (): Promise<ReadResult> => {
+    if (buffered.length > 0) return Promise.resolve({ done: false, value: buffered.shift() })
+    if (pending) {
+      const p = pending
+      pending = undefined
+      return p
+    }
+    return reader.read()
+  }
+  return new ReadableStream<unknown>({
+    async pull(controller) {
+      for (;;) {
+        let r: ReadResult
+        try {
+          r = await next()
+        } catch (error) {
+          ended = true
+          await hooks.finish(false)
+          controller.error(error)
+          return
+        }
+        if (r.done) {
+          ended = true
+          const failed = await hooks.finish(true)
+          if (failed) {
+            controller.error(failed.error)
+            return
+          }
+          if (holding) controller.enqueue(held)
+          controller.close()
+          return
+        }
+        if (!holdLast) {
+          controller.enqueue(r.value)
+          return
+        }
+        const previous = held
+        const had = holding
+        held = r.value
+        holding = true
+        if (had) {
+          controller.enqueue(previous)
+          return
+        }
+      }
+    },
+    cancel(reason) {
+      if (ended) return
+      ended = true
+      reader.cancel(reason).catch(() => {})
+      hooks.cancelled(reason)
+    },
+  })
+}

@@ -1,0 +1,161 @@
+/**
+ * `scopedSession()`: one database session per Hono request, committed before
+ * the response is sent, released on every path.
+ */
+import { getDefaultScope, type Scope } from '@scoped/core'
+import type { Context, MiddlewareHandler } from 'hono'
+import { resolveSessionOptions, type ScopedSessionOptions } from './options.js'
+import { RequestLifecycle } from './request-lifecycle.js'
+import { inspectBody } from './response-body.js'
+
+function describe(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v)
+  return v === null ? 'null' : typeof v
+}
+
+function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
+  if (scope === undefined) {
+    const fallback = getDefaultScope()
+    if (!fallback) {
+      throw new Error(
+        'scopedSession(): there is no default scope to use. Create it before mounting the ' +
+          'middleware (createScope({ driver }) makes the default scope unless default: false), ' +
+          'or pass your scope: app.use(scopedSession(scope)).',
+      )
+    }
+    return fallback as Scope<C>
+  }
+  const s = scope as unknown as Record<string, unknown> | null
+  if (typeof s !== 'object' || s === null || typeof s.open !== 'function') {
+    const looksLikeOptions =
+      typeof s === 'object' && s !== null && ['name', 'commitOn', 'cancelOnAbort'].some((k) => k in s)
+    throw new TypeError(
+      `scopedSession(scope): expected a Scope from createScope(), got ${describe(scope)}.` +
+        (looksLikeOptions
+          ? ' To use the default scope with options, pass undefined first: scopedSession(undefined, options).'
+          : ' Pass nothing to use the default scope.'),
+    )
+  }
+  return scope
+}
+
+/** Hono's `timeout()` throws an HTTPException 504; others use 408 or a `TimeoutError`. */
+function isTimeout(error: unknown): boolean {
+  if (!(error instanceof Error)) return false
+  const status = (error as { status?: unknown }).status
+  return status === 504 || status === 408 || error.name === 'TimeoutError'
+}
+
+/** Replace the response outright: Hono's `c.res` setter would merge the old one's headers in. */
+function replaceResponse(c: Context, res: Response | undefined): void {
+  c.res = undefined
+  if (res) c.res = res
+}
+
+function asError(e: unknown): Error {
+  return e instanceof Error ? e : new Error(`COMMIT failed: ${String(e)}`, { cause: e })
+}
+
+/**
+ * Hono middleware: every request runs in its own scope, so `getSession()`
+ * anywhere in the chain after it (middleware, handler, `app.onError`, helpers,
+ * timers, a `stream()` callback) returns that request's session. The session
+ * checks a connection out on its first statement only.
+ *
+ * The unit of work COMMITs before the response is sent when nothing was thrown
+ * and `commitOn` agrees (default: status < 500); otherwise it rolls back. A
+ * failed COMMIT is thrown to `app.onError` (default: a 500). A body still
+ * being produced after the handler returned (`stream()`, `streamSSE()`) keeps
+ * the session until it ends; a failed COMMIT then cuts the response off.
+ *
+ * @param scope the scope to open sessions of; default: the default scope
+ *   (`getDefaultScope()`), looked up now, when the middleware is made.
+ * @example
+ * ```ts
+ * import { serve } from '@hono/node-server'
+ * import { Hono } from 'hono'
+ * import { getSession } from '@scoped/core'
+ * import { scopedSession } from '@scoped/hono'
+ *
+ * const app = new Hono()
+ * app.use(scopedSession())
+ * app.post('/orders', async (c) => {
+ *   await getSession().use((db) => db.query('INSERT INTO orders DEFAULT VALUES'))
+ *   return c.json({ ok: true }, 201)          // committed before this is sent
+ * })
+ * serve({ fetch: app.fetch, port: 3000 })
+ * ```
+ */
+export function scopedSession<C = unknown>(
+  scope?: Scope<C>,
+  options?: ScopedSessionOptions,
+): MiddlewareHandler {
+  const target = resolveScope(scope)
+  const opts = resolveSessionOptions(options)
+
+  return async function scopedSession(c, next) {
+    const name = opts.name(c)
+    if (typeof name !== 'string' || name === '') {
+      throw new TypeError(
+        `scopedSession(scope, { name }): name(c) must return a non-empty string, got ${describe(name)}`,
+      )
+    }
+    // hono/request-id's middleware, when mounted before this one, names the request in holders.
+    const requestId: unknown = c.get('requestId')
+    const open = target.open({
+      name,
+      kind: 'request',
+      ...(typeof requestId === 'string' && { requestId }),
+    })
+    const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c)
+
+    const errorBefore = c.error
+    let threw = false
+    let thrown: unknown
+    try {
+      await open.enter(next)
+    } catch (e) {
+      // Only non-Error values get here: Hono hands Errors to app.onError and sets c.error.
+      threw = true
+      thrown = e
+    }
+    life.chainSettled()
+    const handled = c.error !== errorBefore ? c.error : undefined
+
+    if (threw || handled !== undefined) {
+      // A timeout middleware answered while the handler still runs: stop its statement.
+      if (isTimeout(threw ? thrown : handled)) life.abort('timeout', true)
+      await life.rollback()
+      if (threw) throw thrown
+      return
+    }
+
+    let commit: boolean
+    try {
+      commit = opts.commitOn({ status: c.res.status, error: undefined }) === true
+    } catch (e) {
+      await life.rollback()
+      throw e
+    }
+
+    const body = await inspectBody(c.res)
+    if (body.kind === 'live') {
+      replaceResponse(c, life.liveResponse(c.res, body, commit))
+      return
+    }
+    if (body.kind === 'failed') {
+      await life.rollback()
+      replaceResponse(c, undefined)
+      throw asError(body.error)
+    }
+    try {
+      await life.end(commit)
+    } catch (e) {
+      // COMMIT failed (or the unit of work was aborted, or its connection taken):
+      // the handler's response must not go out. app.onError answers instead.
+      replaceResponse(c, undefined)
+      throw asError(e)
+    }
+    if (body.replacement) replaceResponse(c, body.replacement)
+  }
+}
