@@ -1,0 +1,215 @@
+/**
+ * `scopedSession`: the Fastify plugin. Every request gets its own scope, so
+ * `getSession()` anywhere in its chain (content-type parsers, hooks, the
+ * handler, the error handler, and everything they start) returns the
+ * request's session; the unit of work commits before the response is
+ * written, and its connection is released exactly once on every path.
+ */
+import type { DefaultConnection, OpenScope, Session } from '@scoped/core'
+import { NoActiveScopeError, ScopeClosedError } from '@scoped/core'
+import type {
+  FastifyInstance,
+  FastifyPluginCallback,
+  FastifyReply,
+  FastifyRequest,
+  RouteHandlerMethod,
+  RouteOptions,
+} from 'fastify'
+import fp from 'fastify-plugin'
+import { type ResolvedOptions, resolveOptions, type ScopedSessionOptions } from './options.js'
+import { RequestScope } from './request-scope.js'
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /**
+     * This request's database session (`getSession()` of the request's scope),
+     * made on first use; it checks a connection out on its first statement.
+     * Works outside AsyncLocalStorage too (in `req`/`res` listeners).
+     */
+    readonly session: Session<DefaultConnection>
+  }
+}
+
+/** Where the request's RequestScope lives (a decorated slot, so request objects keep one shape). */
+const kScope = Symbol('scoped.request')
+/** Marks the config of routes whose handler the plugin tracks (a bound handler loses any mark). */
+const kTracked = Symbol('scoped.tracked')
+
+function scopeOf(request: FastifyRequest): RequestScope | null | undefined {
+  return (request as unknown as Record<symbol, RequestScope | null | undefined>)[kScope]
+}
+
+/**
+ * Wrap a route handler so the request knows when it runs: after a client
+ * abort the connection is released only once the handler settled.
+ */
+function trackHandler(handler: RouteHandlerMethod): RouteHandlerMethod {
+  return function tracked(this: FastifyInstance, request, reply) {
+    const scope = scopeOf(request)
+    if (!scope) return handler.call(this, request, reply)
+    scope.handlerStarted()
+    let result: unknown
+    try {
+      result = handler.call(this, request, reply)
+    } catch (error) {
+      scope.handlerSettled()
+      throw error
+    }
+    if (result !== null && typeof (result as PromiseLike<unknown>)?.then === 'function') {
+      const settled = () => scope.handlerSettled()
+      ;(result as PromiseLike<unknown>).then(settled, settled)
+    } else {
+      scope.handlerSettled()
+    }
+    return result
+  } as RouteHandlerMethod
+}
+
+/** `req` events (body chunks, end, errors) run outside AsyncLocalStorage; run them inside the request's scope. */
+function bindRequestEvents(request: FastifyRequest, open: OpenScope<unknown>): void {
+  const raw = request.raw as { emit: (...args: unknown[]) => boolean }
+  const emit = raw.emit
+  raw.emit = function scopedEmit(this: unknown, ...args: unknown[]) {
+    return open.enter(() => emit.apply(this, args))
+  }
+}
+
+function scopedSessionPlugin(
+  fastify: FastifyInstance,
+  options: ScopedSessionOptions,
+  done: (error?: Error) => void,
+): void {
+  let opts: ResolvedOptions
+  try {
+    opts = resolveOptions(options)
+    if (opts.decorate && fastify.hasRequestDecorator('session')) {
+      throw new TypeError(
+        'app.register(scopedSession): request.session is already decorated by another plugin ' +
+          '(e.g. @fastify/session). Pass { decorate: false } and use getSession() instead.',
+      )
+    }
+  } catch (error) {
+    done(error as Error)
+    return
+  }
+  const { scope } = opts
+  let warnedUntracked = false
+
+  fastify.decorateRequest(kScope, null)
+  if (opts.decorate) {
+    fastify.decorateRequest('session', {
+      getter(this: FastifyRequest) {
+        const state = scopeOf(this)
+        if (!state) throw new NoActiveScopeError(scope.name, 'request.session')
+        return state.open.session as Session<DefaultConnection>
+      },
+    })
+  }
+
+  fastify.addHook('onRoute', (route: RouteOptions) => {
+    route.handler = trackHandler(route.handler)
+    route.config = { ...route.config, [kTracked]: true }
+  })
+
+  fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, next) => {
+    let state: RequestScope
+    try {
+      const route = request.routeOptions
+      if (
+        !warnedUntracked &&
+        route.url !== undefined &&
+        !(route.config as unknown as Record<symbol, unknown>)[kTracked]
+      ) {
+        warnedUntracked = true
+        request.log.warn(
+          `[scoped] route ${request.method} ${route.url} was declared before scopedSession finished loading, ` +
+            'so a client abort may release its connection between two statements of its handler. ' +
+            'Fix: await app.register(scopedSession, ...) before declaring routes.',
+        )
+      }
+      const name = opts.name
+        ? sessionName(opts.name, request)
+        : `${request.method} ${route.url ?? '(no route)'}`
+      const open = scope.open({ name, requestId: String(request.id), kind: 'request' })
+      state = new RequestScope(open, reply, opts)
+    } catch (error) {
+      // A closing scope refuses new work: the request is answered 503, not 500.
+      next(
+        error instanceof ScopeClosedError
+          ? Object.assign(error, { statusCode: 503 })
+          : (error as Error),
+      )
+      return
+    }
+    ;(request as unknown as Record<symbol, RequestScope>)[kScope] = state
+    bindRequestEvents(request, state.open)
+    state.open.enter(next)
+  })
+
+  // The body was read in req listeners; resume the rest of the chain inside the scope.
+  fastify.addHook('preValidation', (request: FastifyRequest, _reply: FastifyReply, next) => {
+    const state = scopeOf(request)
+    if (state) state.open.enter(next)
+    else next()
+  })
+
+  // Runs right before the error handler: record the error, and run the handler inside the scope.
+  fastify.addHook('onError', (request: FastifyRequest, _reply: FastifyReply, error, next) => {
+    const state = scopeOf(request)
+    if (!state) return next()
+    state.error(error)
+    state.open.enter(next)
+  })
+
+  fastify.addHook('onSend', (request: FastifyRequest, _reply: FastifyReply, payload, next) => {
+    const state = scopeOf(request)
+    if (state) state.send(payload, next as (error: Error | null, payload?: unknown) => void)
+    else next(null, payload)
+  })
+
+  fastify.addHook('onTimeout', (request: FastifyRequest, _reply: FastifyReply, next) => {
+    scopeOf(request)?.timedOut()
+    next()
+  })
+
+  done()
+}
+
+function sessionName(name: (request: FastifyRequest) => string, request: FastifyRequest): string {
+  const value = name(request)
+  if (typeof value !== 'string' || value === '') {
+    throw new TypeError(
+      `scopedSession({ name }): expected name(request) to return a non-empty string, got ${
+        value === '' ? 'an empty string' : typeof value
+      }`,
+    )
+  }
+  return value
+}
+
+/**
+ * The plugin. One database session per request: opened lazily on the first
+ * statement, committed before the response is written (rolled back on a
+ * thrown error, a 5xx, an abort or a timeout), released exactly once.
+ *
+ * @example
+ * ```ts
+ * import Fastify from 'fastify'
+ * import pg from 'pg'
+ * import { createScope, getSession } from '@scoped/core'
+ * import { pgDriver } from '@scoped/pg'
+ * import { scopedSession } from '@scoped/fastify'
+ *
+ * createScope({ driver: pgDriver(new pg.Pool()) })
+ * const app = Fastify()
+ * await app.register(scopedSession)
+ * app.post('/orders', async () => {
+ *   const { rows } = await getSession().use((c) => c.query('INSERT INTO orders DEFAULT VALUES RETURNING id'))
+ *   return rows[0] // committed before the client sees it
+ * })
+ * ```
+ */
+export const scopedSession: FastifyPluginCallback<ScopedSessionOptions> = fp(scopedSessionPlugin, {
+  name: '@scoped/fastify',
+  fastify: '5.x',
+})

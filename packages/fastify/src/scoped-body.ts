@@ -1,0 +1,117 @@
+/**
+ * A response body that is produced after the handler returned (a stream
+ * payload) keeps the request's session until its last chunk, and its clean
+ * end waits for the COMMIT: the last chunk is only followed by the end of the
+ * response once the unit of work is committed. A failed commit errors the
+ * body instead, and Fastify cuts the response off, so the client never sees a
+ * clean end of work that was not saved.
+ *
+ * The source is read from inside the request's scope: `getSession()` in a
+ * generator behind `Readable.from()` works even when the next chunk is asked
+ * for by a `'drain'` on the socket, where AsyncLocalStorage is lost.
+ */
+import { Readable } from 'node:stream'
+
+/** @internal How a wrapped body talks to its request's unit of work. */
+export interface BodyEnd {
+  /** Run `fn` inside the request's scope. */
+  enter<T>(fn: () => T): T
+  /** The body has ended: end the unit of work; resolves to what made a commit fail, if anything did. */
+  end(): Promise<unknown>
+  /** The body failed or was cut off: roll back. */
+  fail(): void
+}
+
+const noop = () => {}
+
+/** @internal A Node.js stream payload (anything with `pipe()`). */
+export function scopedStream(source: NodeJS.ReadableStream, body: BodyEnd): Readable {
+  const readable =
+    typeof (source as Readable)[Symbol.asyncIterator] === 'function'
+      ? (source as Readable)
+      : new Readable({ objectMode: true }).wrap(source)
+  let iterator: AsyncIterator<unknown> | undefined
+  let pulling = false
+  let over = false
+  const out = new Readable({
+    read() {
+      if (pulling) return
+      pulling = true
+      body.enter(pump)
+    },
+    destroy(error, callback) {
+      if (!over) {
+        // Cut off (client gone, timeout): stop the source and roll back.
+        over = true
+        body.fail()
+        if (iterator?.return) iterator.return().catch(noop)
+        else (readable as Readable).destroy?.()
+      }
+      callback(error)
+    },
+  })
+
+  async function pump(): Promise<void> {
+    try {
+      iterator ??= readable[Symbol.asyncIterator]()
+      for (;;) {
+        const next = await iterator.next()
+        if (out.destroyed) return
+        if (next.done) {
+          over = true
+          const failure = await body.end()
+          if (failure === undefined) out.push(null)
+          else out.destroy(failure instanceof Error ? failure : new Error(String(failure)))
+          return
+        }
+        if (!out.push(next.value)) {
+          pulling = false
+          return
+        }
+      }
+    } catch (error) {
+      if (!over) {
+        over = true
+        body.fail()
+      }
+      out.destroy(error instanceof Error ? error : new Error(String(error)))
+    }
+  }
+
+  return out
+}
+
+/** @internal A web `ReadableStream` payload (or a `Response`'s body). */
+export function scopedWebStream(source: ReadableStream, body: BodyEnd): ReadableStream {
+  const reader = source.getReader()
+  let over = false
+  return new ReadableStream({
+    pull(controller) {
+      return body.enter(async () => {
+        let next: { done: boolean; value?: unknown }
+        try {
+          next = await reader.read()
+        } catch (error) {
+          over = true
+          body.fail()
+          throw error
+        }
+        if (!next.done) {
+          controller.enqueue(next.value)
+          return
+        }
+        over = true
+        const failure = await body.end()
+        if (failure === undefined) controller.close()
+        else controller.error(failure)
+      })
+    },
+    cancel(reason) {
+      if (!over) {
+        over = true
+        body.fail()
+      }
+      return reader.cancel(reason)
+    },
+  })
+}
