@@ -1,3 +1,3 @@
 import { packageBuild } from '../../scripts/tsup-config.ts'
 
-export default packageBuild({ subpaths: ['testing', 'otel'] })
+export default packageBuild()
