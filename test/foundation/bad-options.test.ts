@@ -149,7 +149,7 @@ describe('per-call options', () => {
         ],
       ]
       for (const [option, call] of calls) {
-        const err = await call().catch((e) => e)
+        const err = (await call().catch((e: unknown) => e)) as Error
         expect(err, option).toBeInstanceOf(TypeError)
         expect(err.message, option).toContain(option)
       }

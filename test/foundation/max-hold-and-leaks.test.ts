@@ -115,7 +115,11 @@ describe('maxHoldMs', () => {
         { name: 'slow' },
       )
       const err = await slow.catch((e) => e)
-      expect(err).toBeInstanceOf(Error)
+      // Not pg's bare "Connection terminated": who took the connection, and why.
+      expect(err).toBeInstanceOf(SessionClosedError)
+      expect(err.message).toContain("'job:slow'")
+      expect(err.message).toContain('maxHoldMs')
+      expect(err.cause?.message).toMatch(/Connection terminated/)
       expect(scope.stats().totals.forced).toBe(1)
       // The backend does not keep running the 30 s statement (holding its locks) for nobody.
       await waitFor(`backend ${pid} to exit`, async () => !(await alive(pid)), 5_000)

@@ -178,6 +178,13 @@ export class Session<C = unknown> {
         return await fn(conn)
       } catch (e) {
         this.#noteError(conn, e)
+        if (this.#forced) {
+          // The connection was taken by force under this use: the driver only says "Connection
+          // terminated"; say who took it and why (maxHoldMs, shutdown), keeping the driver's error.
+          const closed = this.#closedError('use()')
+          closed.cause = e
+          throw closed
+        }
         throw e
       }
     } finally {

@@ -1,0 +1,161 @@
+/**
+ * scopedPool(scope): code written against pool.query() joins the current
+ * scope's unit of work. Against a real PostgreSQL: every query of a scope runs
+ * on one backend, in one transaction that a throw rolls back; outside a scope
+ * it is an error that says how to fix it, or (opted in) plain pool.query().
+ */
+import { createScope, NoActiveScopeError, SessionClosedError } from '@scoped/core'
+import { pgDriver, scopedPool } from '@scoped/pg'
+import pg from 'pg'
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
+
+let url: string
+let pool: pg.Pool
+let scope: ReturnType<typeof createScope<pg.PoolClient>>
+const app = `pg_scoped_pool_${process.pid}`
+
+beforeAll(async () => {
+  url = await testDatabase('pg_scoped_pool')
+  await independentQuery(url, 'CREATE TABLE items (id serial PRIMARY KEY, v text NOT NULL)')
+  pool = new pg.Pool({ connectionString: url, application_name: app, max: 3 })
+  scope = createScope({ driver: pgDriver(pool), default: false, name: 'scoped-pool' })
+})
+
+beforeEach(async () => {
+  await independentQuery(url, 'TRUNCATE items')
+})
+
+afterAll(async () => {
+  await scope.close()
+})
+
+const committed = async () =>
+  (await independentQuery(url, 'SELECT v FROM items ORDER BY id')).map((r) => r.v)
+
+const settled = async () => {
+  expect(pool.totalCount).toBe(pool.idleCount)
+  const left = await backends(url, app)
+  expect(left.filter((b) => b.state.startsWith('idle in transaction'))).toEqual([])
+}
+
+describe('scopedPool.query()', () => {
+  const db = () => scopedPool(scope)
+
+  it('runs every query of a scope on the same backend, concurrent ones included', async () => {
+    const pids = await scope.run(async () => {
+      const pool = db()
+      const first = await pool.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
+      const more = await Promise.all(
+        Array.from({ length: 5 }, () =>
+          pool.query<{ pid: number }>('SELECT pg_backend_pid() AS pid'),
+        ),
+      )
+      return [first, ...more].map((r) => r.rows[0]!.pid)
+    })
+    expect(new Set(pids).size).toBe(1)
+    expect(scope.stats().totals.acquired).toBe(1)
+    await settled()
+  })
+
+  it('keeps the order of queries issued without awaiting, and commits them together', async () => {
+    await scope.run(async () => {
+      const pool = db()
+      await Promise.all(
+        ['a', 'b', 'c', 'd'].map((v) => pool.query('INSERT INTO items (v) VALUES ($1)', [v])),
+      )
+    })
+    expect(await committed()).toEqual(['a', 'b', 'c', 'd'])
+  })
+
+  it('rolls every row of the scope back when it throws', async () => {
+    const run = scope.run(async () => {
+      const pool = db()
+      await pool.query("INSERT INTO items (v) VALUES ('one')")
+      await pool.query({ text: 'INSERT INTO items (v) VALUES ($1)', values: ['two'] })
+      // Visible inside the unit of work...
+      expect((await pool.query('SELECT count(*)::int AS n FROM items')).rows[0].n).toBe(2)
+      throw new Error('handler failed')
+    })
+    await expect(run).rejects.toThrow('handler failed')
+    // ...and gone after it.
+    expect(await committed()).toEqual([])
+    await settled()
+  })
+
+  it('a failing query rejects with the PostgreSQL error and rolls the scope back', async () => {
+    const run = scope.run(async () => {
+      await db().query("INSERT INTO items (v) VALUES ('before')")
+      await db().query('INSERT INTO items (v) VALUES (NULL)')
+    })
+    await expect(run).rejects.toMatchObject({ code: '23502' })
+    expect(await committed()).toEqual([])
+    await settled()
+  })
+
+  it("with transaction: 'none' each query autocommits on the session's one connection", async () => {
+    const run = scope.run(
+      async () => {
+        await db().query("INSERT INTO items (v) VALUES ('autocommitted')")
+        throw new Error('too late to undo')
+      },
+      { transaction: 'none' },
+    )
+    await expect(run).rejects.toThrow('too late to undo')
+    expect(await committed()).toEqual(['autocommitted'])
+  })
+
+  it('outside a scope it throws NoActiveScopeError with the fix, and opens nothing', async () => {
+    const acquired = scope.stats().totals.acquired
+    const err = await db()
+      .query('SELECT 1')
+      .catch((e) => e)
+    expect(err).toBeInstanceOf(NoActiveScopeError)
+    expect(err.message).toContain('scopedPool.query()')
+    expect(err.message).toContain("'scoped-pool'")
+    expect(err.message).toContain('Fix:')
+    expect(err.message).toMatch(/runJob|middleware/)
+    expect(scope.stats().totals.acquired).toBe(acquired)
+  })
+
+  it("outside a scope with outsideScope: 'pool' it is plain pool.query() (autocommit)", async () => {
+    const fallback = scopedPool(scope, { outsideScope: 'pool', pool })
+    const r = await fallback.query("INSERT INTO items (v) VALUES ('direct') RETURNING v")
+    expect(r.rows).toEqual([{ v: 'direct' }])
+    expect(await committed()).toEqual(['direct'])
+    // Inside a scope the same object still routes to the session.
+    const run = scope.run(async () => {
+      await fallback.query("INSERT INTO items (v) VALUES ('scoped')")
+      throw new Error('undo')
+    })
+    await expect(run).rejects.toThrow('undo')
+    expect(await committed()).toEqual(['direct'])
+    await settled()
+  })
+
+  it("work that outlives its scope fails loudly, even with outsideScope: 'pool'", async () => {
+    const fallback = scopedPool(scope, { outsideScope: 'pool', pool })
+    let late: Promise<unknown> | undefined
+    await scope.run(
+      async () => {
+        await fallback.query('SELECT 1')
+        late = new Promise((r) => setTimeout(r, 20)).then(() =>
+          fallback.query("INSERT INTO items (v) VALUES ('orphan')"),
+        )
+      },
+      { name: 'POST /items' },
+    )
+    const err = (await late!.catch((e: unknown) => e)) as SessionClosedError
+    expect(err).toBeInstanceOf(SessionClosedError)
+    expect(err.message).toContain("'POST /items'")
+    expect(await committed()).toEqual([])
+  })
+
+  it('refuses callbacks', async () => {
+    const err = await scope
+      .run(() => (db().query as any)('SELECT 1', [], () => {}))
+      .catch((e: unknown) => e)
+    expect(err).toBeInstanceOf(TypeError)
+    expect((err as Error).message).toContain('callbacks are not supported')
+  })
+})
