@@ -122,11 +122,19 @@ export function scopedSession<C = unknown>(
     life.chainSettled()
     const handled = c.error !== errorBefore ? c.error : undefined
 
-    if (threw || handled !== undefined) {
-      // A timeout middleware answered while the handler still runs: stop its statement.
-      if (isTimeout(threw ? thrown : handled)) life.abort('timeout', true)
+    if (threw) {
       await life.rollback()
-      if (threw) throw thrown
+      throw thrown
+    }
+    if (handled !== undefined) {
+      // A timeout middleware answered while the handler still runs: stop its statement.
+      if (isTimeout(handled)) life.abort('timeout', true)
+      const answer = c.res
+      await life.rollback()
+      // The orphaned handler's own failure (its cancelled statement) went through
+      // app.onError meanwhile and replaced the response: the chain had answered.
+      if (c.res !== answer) replaceResponse(c, answer)
+      c.error = handled
       return
     }
 
