@@ -52,15 +52,22 @@ afterEach(async () => {
   vi.restoreAllMocks()
 })
 
-const q = (scope: Scope<FakeConn>, driver: FakeDriver, sql: string, o?: { ms?: number; fail?: unknown }) =>
-  scope.getSession().use((c) => driver.query(c, sql, o))
+const q = (
+  scope: Scope<FakeConn>,
+  driver: FakeDriver,
+  sql: string,
+  o?: { ms?: number; fail?: unknown },
+) => scope.getSession().use((c) => driver.query(c, sql, o))
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
 describe('one unit of work', () => {
   it('publishes acquire → commit → release → close, in that order, naming the session', async () => {
     const { driver, scope } = make()
     listen()
-    await scope.run(async () => q(scope, driver, 'INSERT'), { name: 'POST /orders', requestId: 'r-1' })
+    await scope.run(async () => q(scope, driver, 'INSERT'), {
+      name: 'POST /orders',
+      requestId: 'r-1',
+    })
     expect(events.map((e) => e.ch)).toEqual(['acquire', 'commit', 'release', 'close'])
     for (const { msg } of events) {
       expect(msg.scope).toBe('diag')
@@ -109,7 +116,10 @@ describe('one unit of work', () => {
     ).rejects.toThrow('handler failed')
     expect(events.map((e) => e.ch)).toEqual(['acquire', 'rollback', 'release', 'close'])
     expect('error' in of<RollbackMessage>('rollback')[0]!).toBe(false)
-    expect(of<ReleaseMessage>('release')[0]).toMatchObject({ destroyed: false, outcome: 'rolled-back' })
+    expect(of<ReleaseMessage>('release')[0]).toMatchObject({
+      destroyed: false,
+      outcome: 'rolled-back',
+    })
     expect(of<CloseMessage>('close')[0]!.outcome).toBe('rolled-back')
   })
 
@@ -178,7 +188,9 @@ describe('commit and rollback', () => {
     const { driver, scope } = make()
     const fatal = new Error('fatal: connection reset')
     listen()
-    await expect(scope.run(async () => q(scope, driver, 'SELECT', { fail: fatal }))).rejects.toBe(fatal)
+    await expect(scope.run(async () => q(scope, driver, 'SELECT', { fail: fatal }))).rejects.toBe(
+      fatal,
+    )
     const [release] = of<ReleaseMessage>('release')
     expect(release).toMatchObject({ destroyed: true, outcome: 'destroyed', error: fatal })
     expect(of<CloseMessage>('close')[0]!.outcome).toBe('destroyed')
@@ -202,7 +214,9 @@ describe('pool trouble', () => {
       { name: 'GET /slow' },
     )
     await sleep(5)
-    const err = await scope.run(async () => q(scope, driver, 'SELECT'), { name: 'GET /fast' }).catch((e) => e)
+    const err = await scope
+      .run(async () => q(scope, driver, 'SELECT'), { name: 'GET /fast' })
+      .catch((e) => e)
     release()
     await holder
     const timeouts = of<TimeoutMessage>('timeout')
@@ -279,7 +293,10 @@ describe('pool trouble', () => {
     const [error] = of<ErrorMessage>('error')
     expect(error).toMatchObject({ scope: 'diag', error: hookErr, during: 'afterCommit' })
     expect(error!.session!.name).toBe('POST /signup')
-    expect(onError).toHaveBeenCalledWith(hookErr, { during: 'afterCommit', session: 'POST /signup' })
+    expect(onError).toHaveBeenCalledWith(hookErr, {
+      during: 'afterCommit',
+      session: 'POST /signup',
+    })
     expect(of<CloseMessage>('close')[0]!.outcome).toBe('committed')
   })
 })
@@ -308,10 +325,12 @@ describe('cost when nobody listens', () => {
     await scope.run(async () => q(scope, driver, 'B')).catch(() => {}) // timeout
     release()
     await holder
-    await scope.run(async () => {
-      await q(scope, driver, 'C')
-      throw new Error('rollback')
-    }).catch(() => {})
+    await scope
+      .run(async () => {
+        await q(scope, driver, 'C')
+        throw new Error('rollback')
+      })
+      .catch(() => {})
     return scope
   }
 
@@ -319,7 +338,12 @@ describe('cost when nobody listens', () => {
     for (const ch of names) expect(channels[ch].hasSubscribers).toBe(false)
     const spies = names.map((ch) => vi.spyOn(channels[ch], 'publish'))
     const scope = await everything()
-    expect(scope.stats().totals).toMatchObject({ leaks: 1, timeouts: 1, committed: 1, rolledBack: 1 })
+    expect(scope.stats().totals).toMatchObject({
+      leaks: 1,
+      timeouts: 1,
+      committed: 1,
+      rolledBack: 1,
+    })
     for (const spy of spies) expect(spy).not.toHaveBeenCalled()
   })
 
