@@ -1,0 +1,9 @@
+export { KyselyDriver, type KyselyDriverOptions, kyselyDriver } from './kysely-driver.js'
+export {
+  isFatalPostgresError,
+  isRetryablePostgresError,
+  type PgPoolLike,
+} from './postgres.js'
+export type { OutsideScope } from './scoped-dialect.js'
+export { type ScopedKyselyOptions, scopedKysely } from './scoped-kysely.js'
+export { SerialConnection } from './serial-connection.js'

@@ -1,0 +1,377 @@
+/**
+ * kyselyDriver(dialect): a core Driver built on the dialect's own Kysely
+ * Driver, so scoped sessions work with every Kysely dialect.
+ */
+import type { Driver, PoolStats, ReleaseOptions, SessionInfo, TxOptions } from '@scoped/core'
+import { TransactionStateError } from '@scoped/core'
+import {
+  CompiledQuery,
+  type DatabaseConnection,
+  type Dialect,
+  type Driver as KyselyDialectDriver,
+  type QueryCompiler,
+  type TransactionSettings,
+} from 'kysely'
+import {
+  cancelClient,
+  destroyClient,
+  isFatalPostgresError,
+  isPgPool,
+  isPostgresDialect,
+  isRetryablePostgresError,
+  PgClients,
+  type PgPoolLike,
+} from './postgres.js'
+import { SerialConnection } from './serial-connection.js'
+
+export interface KyselyDriverOptions {
+  /** The driver's name in stats, metrics and errors. Default `'kysely'`. */
+  name?: string
+  /**
+   * `PostgresDialect` only: the same `pg.Pool` you gave the dialect. With it
+   * the driver can really destroy a broken connection (Kysely's driver has no
+   * way to), cancel a running statement on abort or job timeout, keep a
+   * backend that dies while checked out from crashing the process (pg emits
+   * `'error'` on the client), and report pool figures in stats and
+   * `PoolTimeoutError`.
+   */
+  pool?: PgPoolLike
+  /**
+   * A connection-level error (socket gone, backend terminated): the connection
+   * is destroyed. Default for `PostgresDialect`: by SQLSTATE (class 08,
+   * 57P01–57P03, 57P05, 25P03, XX000) and socket errors; other dialects: never.
+   */
+  isFatal?: (error: unknown, connection: DatabaseConnection) => boolean
+  /**
+   * `transaction(fn, { retry })` re-runs on these. Default for
+   * `PostgresDialect`: 40001 and 40P01; other dialects: never.
+   */
+  isRetryable?: (error: unknown) => boolean
+}
+
+const known = new Set(['name', 'pool', 'isFatal', 'isRetryable'])
+
+/**
+ * A scope `Driver` over any Kysely dialect. Sessions hold Kysely
+ * `DatabaseConnection`s (run one statement at a time, so concurrent callers in
+ * a session queue instead of colliding).
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg'
+ * import { PostgresDialect } from 'kysely'
+ * import { createScope } from '@scoped/core'
+ * import { kyselyDriver } from '@scoped/kysely'
+ *
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL })
+ * const dialect = new PostgresDialect({ pool })
+ * export const scope = createScope({ driver: kyselyDriver(dialect, { pool }) })
+ * ```
+ */
+export function kyselyDriver(dialect: Dialect, options: KyselyDriverOptions = {}): KyselyDriver {
+  return new KyselyDriver(dialect, options)
+}
+
+/** The object `kyselyDriver()` returns; `scopedKysely()` recognises it. */
+export class KyselyDriver implements Driver<DatabaseConnection> {
+  readonly name: string
+  /** The dialect this driver was made from (scopedKysely compiles with it by default). */
+  readonly dialect: Dialect
+  readonly poolStats?: () => PoolStats
+  readonly cancel?: (conn: DatabaseConnection) => Promise<void>
+
+  #driver: KyselyDialectDriver
+  #compiler: QueryCompiler
+  #postgres: boolean
+  #pool: PgPoolLike | undefined
+  #clients: PgClients | undefined
+  #pids = new WeakMap<DatabaseConnection, number>()
+  #init: Promise<void> | undefined
+  #initDone = false
+  #isFatal: ((error: unknown, connection: DatabaseConnection) => boolean) | undefined
+  #isRetryable: ((error: unknown) => boolean) | undefined
+
+  /** @internal Use `kyselyDriver(dialect, options)`. */
+  constructor(dialect: Dialect, options: KyselyDriverOptions) {
+    const d = dialect as Partial<Dialect> | null
+    if (
+      typeof d !== 'object' ||
+      d === null ||
+      typeof d.createDriver !== 'function' ||
+      typeof d.createQueryCompiler !== 'function'
+    ) {
+      throw new TypeError(
+        `kyselyDriver(dialect): expected a Kysely Dialect (e.g. new PostgresDialect({ pool })), got ${describe(dialect)}`,
+      )
+    }
+    if (typeof options !== 'object' || options === null) {
+      throw new TypeError(
+        `kyselyDriver(dialect, options): expected an object, got ${describe(options)}`,
+      )
+    }
+    for (const key of Object.keys(options)) {
+      if (!known.has(key)) {
+        throw new TypeError(
+          `kyselyDriver(dialect, { ${key} }): unknown option. Known options: ${[...known].join(', ')}`,
+        )
+      }
+    }
+    const { name = 'kysely', pool, isFatal, isRetryable } = options
+    if (typeof name !== 'string' || name === '') {
+      throw new TypeError(
+        `kyselyDriver(dialect, { name }): expected a non-empty string, got ${describe(name)}`,
+      )
+    }
+    for (const [key, fn] of [
+      ['isFatal', isFatal],
+      ['isRetryable', isRetryable],
+    ] as const) {
+      if (fn !== undefined && typeof fn !== 'function') {
+        throw new TypeError(
+          `kyselyDriver(dialect, { ${key} }): expected a function, got ${describe(fn)}`,
+        )
+      }
+    }
+    this.#postgres = isPostgresDialect(dialect)
+    if (pool !== undefined) {
+      if (!this.#postgres) {
+        throw new TypeError(
+          `kyselyDriver(dialect, { pool }): pool is for PostgresDialect (a pg.Pool), but the dialect is ${dialect.constructor?.name ?? 'unknown'}. Remove the option.`,
+        )
+      }
+      if (!isPgPool(pool)) {
+        throw new TypeError(
+          `kyselyDriver(dialect, { pool }): expected the pg.Pool you gave PostgresDialect, got ${describe(pool)}`,
+        )
+      }
+      this.#pool = pool
+      this.#clients = new PgClients(pool)
+      this.poolStats = () => ({
+        total: pool.totalCount,
+        idle: pool.idleCount,
+        waiting: pool.waitingCount,
+        max: pool.options?.max ?? 10,
+      })
+      const clients = this.#clients
+      this.cancel = async (conn) => {
+        const client = clients.client(own(conn).pid)
+        if (client) await cancelClient(client)
+      }
+    }
+    this.name = name
+    this.dialect = dialect
+    this.#driver = dialect.createDriver()
+    this.#compiler = dialect.createQueryCompiler()
+    this.#isFatal = isFatal
+    this.#isRetryable = isRetryable ?? (this.#postgres ? isRetryablePostgresError : undefined)
+    Object.freeze(this)
+  }
+
+  /** Check a connection out of the dialect's pool (initialising the dialect's driver once). */
+  async acquire(signal: AbortSignal): Promise<DatabaseConnection> {
+    if (!this.#initDone) await this.#initialise()
+    signal.throwIfAborted()
+    const raw = await this.#driver.acquireConnection()
+    const conn = new SerialConnection(raw)
+    if (this.#clients) {
+      try {
+        conn.pid = await this.#pidOf(raw)
+      } catch (e) {
+        await this.release(conn, { destroy: true, error: e })
+        throw e
+      }
+    }
+    return conn
+  }
+
+  /**
+   * Give a connection back. `destroy`: with a pg pool the client is closed;
+   * without one (any other dialect) there is no way to close a single Kysely
+   * connection, so it is rolled back (a dead one is dropped by its pool) and
+   * handed back to the dialect's pool. See the README's "Limits".
+   */
+  async release(connection: DatabaseConnection, opts: ReleaseOptions): Promise<void> {
+    const conn = own(connection)
+    if (!opts.destroy) {
+      await this.#driver.releaseConnection(conn.raw)
+      return
+    }
+    const client = this.#clients?.client(conn.pid)
+    if (client) {
+      destroyClient(client, opts.error)
+      return
+    }
+    if (opts.error === undefined || !this.isFatal(conn, opts.error)) {
+      // The best a Kysely driver allows: leave no transaction open on it.
+      await this.#driver.rollbackTransaction(conn.raw).catch(() => {})
+    }
+    await this.#driver.releaseConnection(conn.raw)
+  }
+
+  begin(conn: DatabaseConnection, opts: TxOptions, _info?: SessionInfo): Promise<void> {
+    return this.beginTransaction(conn, toSettings(opts))
+  }
+
+  /** @internal BEGIN with Kysely's own settings (outside a scope, all of Kysely's levels apply). */
+  async beginTransaction(
+    connection: DatabaseConnection,
+    settings: TransactionSettings,
+  ): Promise<void> {
+    const conn = own(connection)
+    await conn.run((raw) => this.#driver.beginTransaction(raw, settings))
+    conn.failed = false
+  }
+
+  async commit(connection: DatabaseConnection): Promise<void> {
+    const conn = own(connection)
+    if (this.#postgres && conn.failed && (await this.#aborted(conn))) {
+      await this.rollback(conn)
+      throw new TransactionStateError(
+        'COMMIT was not sent, the transaction was rolled back: a statement in it failed earlier and ' +
+          'its error was caught, and PostgreSQL would have answered COMMIT with ROLLBACK. Nothing was ' +
+          'committed. Fix: let the error propagate, or run the statement that may fail in a nested ' +
+          'db.transaction() (a savepoint) to recover from it.',
+      )
+    }
+    await conn.run((raw) => this.#driver.commitTransaction(raw))
+    conn.failed = false
+  }
+
+  async rollback(connection: DatabaseConnection): Promise<void> {
+    const conn = own(connection)
+    await conn.run((raw) => this.#driver.rollbackTransaction(raw))
+    conn.failed = false
+  }
+
+  savepoint(
+    conn: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'] = this.#compile,
+  ): Promise<void> {
+    const driver = this.#driver
+    if (!driver.savepoint) return Promise.reject(this.#noSavepoints('savepoint'))
+    return own(conn).run((raw) => driver.savepoint!(raw, name, compileQuery))
+  }
+
+  async rollbackToSavepoint(
+    connection: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'] = this.#compile,
+  ): Promise<void> {
+    const conn = own(connection)
+    const driver = this.#driver
+    if (!driver.rollbackToSavepoint) throw this.#noSavepoints('rollbackToSavepoint')
+    await conn.run((raw) => driver.rollbackToSavepoint!(raw, name, compileQuery))
+    conn.failed = false
+  }
+
+  releaseSavepoint(
+    conn: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'] = this.#compile,
+  ): Promise<void> {
+    const driver = this.#driver
+    if (!driver.releaseSavepoint) return Promise.reject(this.#noSavepoints('releaseSavepoint'))
+    return own(conn).run((raw) => driver.releaseSavepoint!(raw, name, compileQuery))
+  }
+
+  isFatal(conn: DatabaseConnection, error: unknown): boolean {
+    if (this.#isFatal) return this.#isFatal(error, conn)
+    if (!this.#postgres) return false
+    return this.#clients?.errorOf(own(conn).pid) !== undefined || isFatalPostgresError(error)
+  }
+
+  isRetryable(error: unknown): boolean {
+    return this.#isRetryable?.(error) ?? false
+  }
+
+  /** Destroy the dialect's driver (for PostgresDialect: end the pg pool). Called by `scope.close()`. */
+  async end(): Promise<void> {
+    const pool = this.#pool
+    if (pool && (pool.ended || (pool as { ending?: boolean }).ending)) return
+    if (this.#init) {
+      await this.#init.catch(() => {})
+      if (this.#initDone) {
+        await this.#driver.destroy()
+        return
+      }
+    }
+    // Never initialised: the dialect's driver holds nothing, but a pool we were given is still open.
+    if (pool) await pool.end()
+  }
+
+  #compile: QueryCompiler['compileQuery'] = (node, queryId) =>
+    this.#compiler.compileQuery(node, queryId)
+
+  #initialise(): Promise<void> {
+    this.#init ??= this.#driver.init().then(
+      () => {
+        this.#initDone = true
+      },
+      (e) => {
+        this.#init = undefined // a failed init is tried again by the next checkout
+        throw e
+      },
+    )
+    return this.#init
+  }
+
+  /** The backend pid of a physical connection: asked once, remembered for its life. */
+  async #pidOf(raw: DatabaseConnection): Promise<number> {
+    let pid = this.#pids.get(raw)
+    if (pid === undefined) {
+      const { rows } = await raw.executeQuery<{ pid: number }>(
+        CompiledQuery.raw('select pg_backend_pid() as pid'),
+      )
+      pid = Number(rows[0]?.pid)
+      if (!this.#clients!.client(pid)) {
+        throw new TypeError(
+          `kyselyDriver(dialect, { pool }): the connection's backend (pid ${pid}) is not a client of the given pool. ` +
+            'Fix: pass the same pg.Pool instance you gave new PostgresDialect({ pool }).',
+        )
+      }
+      this.#pids.set(raw, pid)
+    }
+    return pid
+  }
+
+  /** PostgreSQL only: is the transaction really aborted? (A caught error may have been rolled back to a savepoint by hand.) */
+  async #aborted(conn: SerialConnection): Promise<boolean> {
+    try {
+      await conn.run((raw) => raw.executeQuery(CompiledQuery.raw('select 1')))
+      conn.failed = false
+      return false
+    } catch {
+      return true // 25P02 (in failed transaction), or the connection is gone: nothing can commit
+    }
+  }
+
+  #noSavepoints(call: string): Error {
+    return new TransactionStateError(
+      `${call}: the dialect's Kysely driver (${this.dialect.constructor?.name ?? 'unknown'}) has no ${call}(), ` +
+        'so nested transactions (savepoints) are not available with it.',
+    )
+  }
+}
+
+/** This driver's connection behind a DatabaseConnection the core hands back. */
+function own(conn: DatabaseConnection): SerialConnection {
+  if (conn instanceof SerialConnection) return conn
+  throw new TypeError(
+    'kyselyDriver: this connection was not checked out by a kyselyDriver. Fix: give the scope the ' +
+      'driver that made the connection.',
+  )
+}
+
+/** Core transaction options in Kysely's words. */
+export function toSettings(opts: TxOptions): TransactionSettings {
+  return {
+    ...(opts.isolation !== undefined && { isolationLevel: opts.isolation }),
+    ...(opts.readOnly !== undefined && { accessMode: opts.readOnly ? 'read only' : 'read write' }),
+  }
+}
+
+function describe(v: unknown): string {
+  if (typeof v === 'number' || typeof v === 'string') return JSON.stringify(v)
+  return v === null ? 'null' : typeof v
+}

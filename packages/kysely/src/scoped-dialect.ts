@@ -1,0 +1,143 @@
+/**
+ * The Dialect behind `scopedKysely`: the application's dialect for SQL
+ * (compiler, adapter, introspector), and a Kysely Driver that routes every
+ * connection request to the current scope's session.
+ */
+import type { Scope } from '@scoped/core'
+import { NoActiveScopeError } from '@scoped/core'
+import type {
+  DatabaseConnection,
+  DatabaseIntrospector,
+  Dialect,
+  DialectAdapter,
+  Driver,
+  Kysely,
+  QueryCompiler,
+  TransactionSettings,
+} from 'kysely'
+import type { KyselyDriver } from './kysely-driver.js'
+import { PoolConnection } from './pool-connection.js'
+import type { RoutedConnection } from './routed-connection.js'
+import { SessionConnection } from './session-connection.js'
+
+export type OutsideScope = 'throw' | 'pool'
+
+/** Never aborts: outside a scope there is no request to give up on the checkout. */
+const never = new AbortController().signal
+
+/**
+ * Kysely asks its driver for a connection per query, per transaction, per
+ * `db.connection()` and per stream. Inside a scope the answer is a handle on
+ * the session (no checkout yet: the session checks out on its first
+ * statement); outside, a pooled connection or `NoActiveScopeError`.
+ */
+export class ScopedDriver implements Driver {
+  #scope: Scope<DatabaseConnection>
+  #driver: KyselyDriver
+  #outsideScope: OutsideScope
+
+  constructor(scope: Scope<DatabaseConnection>, driver: KyselyDriver, outsideScope: OutsideScope) {
+    this.#scope = scope
+    this.#driver = driver
+    this.#outsideScope = outsideScope
+  }
+
+  async init(): Promise<void> {}
+
+  async acquireConnection(): Promise<DatabaseConnection> {
+    let session: ReturnType<Scope<DatabaseConnection>['getSession']>
+    try {
+      // Throws SessionClosedError when the scope of this code already ended.
+      session = this.#scope.getSession()
+    } catch (e) {
+      if (!(e instanceof NoActiveScopeError)) throw e
+      if (this.#outsideScope === 'pool') {
+        return new PoolConnection(this.#driver, await this.#driver.acquire(never))
+      }
+      throw new NoActiveScopeError(this.#scope.name, 'A query through scopedKysely()')
+    }
+    return new SessionConnection(session, this.#driver)
+  }
+
+  beginTransaction(conn: DatabaseConnection, settings: TransactionSettings): Promise<void> {
+    return routed(conn).begin(settings)
+  }
+
+  commitTransaction(conn: DatabaseConnection): Promise<void> {
+    return routed(conn).commit()
+  }
+
+  rollbackTransaction(conn: DatabaseConnection): Promise<void> {
+    return routed(conn).rollback()
+  }
+
+  savepoint(
+    conn: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'],
+  ): Promise<void> {
+    return routed(conn).savepoint(name, compileQuery)
+  }
+
+  rollbackToSavepoint(
+    conn: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'],
+  ): Promise<void> {
+    return routed(conn).rollbackToSavepoint(name, compileQuery)
+  }
+
+  releaseSavepoint(
+    conn: DatabaseConnection,
+    name: string,
+    compileQuery: QueryCompiler['compileQuery'],
+  ): Promise<void> {
+    return routed(conn).releaseSavepoint(name, compileQuery)
+  }
+
+  releaseConnection(conn: DatabaseConnection): Promise<void> {
+    return routed(conn).release()
+  }
+
+  /**
+   * `db.destroy()`: the scope owns the pool, so this closes the scope (waits
+   * for open sessions, then ends the pool), as `scope.close()` does.
+   */
+  destroy(): Promise<void> {
+    return this.#scope.close()
+  }
+}
+
+function routed(conn: DatabaseConnection): RoutedConnection {
+  if (conn instanceof SessionConnection || conn instanceof PoolConnection) return conn
+  throw new TypeError(
+    'scopedKysely: a connection of another Kysely instance was passed to this one.',
+  )
+}
+
+/** The application's dialect with `ScopedDriver` as its driver. */
+export class ScopedDialect implements Dialect {
+  #dialect: Dialect
+  #driver: ScopedDriver
+
+  constructor(dialect: Dialect, driver: ScopedDriver) {
+    this.#dialect = dialect
+    this.#driver = driver
+  }
+
+  createDriver(): Driver {
+    return this.#driver
+  }
+
+  createQueryCompiler(): QueryCompiler {
+    return this.#dialect.createQueryCompiler()
+  }
+
+  createAdapter(): DialectAdapter {
+    return this.#dialect.createAdapter()
+  }
+
+  createIntrospector(db: Kysely<any>): DatabaseIntrospector {
+    return this.#dialect.createIntrospector(db)
+  }
+}

@@ -1,0 +1,112 @@
+/**
+ * A Kysely connection that runs one statement at a time.
+ *
+ * A session has one connection and many callers (`Promise.all` in a handler,
+ * the global `db` inside a `trx` callback, the core's BEGIN/SAVEPOINT). Most
+ * database clients either queue silently with a deprecation warning
+ * (node-postgres: "Calling client.query() when the client is already
+ * executing a query") or break; so statements queue here, in call order.
+ */
+import { TransactionStateError } from '@scoped/core'
+import type { CompiledQuery, DatabaseConnection, QueryResult } from 'kysely'
+import { isServerError } from './postgres.js'
+
+function settle(): void {}
+
+export class SerialConnection implements DatabaseConnection {
+  /** The dialect's own connection, as its Kysely driver handed it out. */
+  readonly raw: DatabaseConnection
+  /**
+   * A statement failed with a server error since the last BEGIN, COMMIT,
+   * ROLLBACK or ROLLBACK TO SAVEPOINT. In PostgreSQL that means the
+   * transaction is aborted and a COMMIT would silently roll it back.
+   */
+  failed = false
+  /** The backend pid, when the driver learned it (PostgreSQL with a pool). */
+  pid: number | undefined
+
+  #tail: Promise<void> | undefined
+  #queued = 0
+  #streaming = false
+
+  constructor(raw: DatabaseConnection) {
+    this.raw = raw
+  }
+
+  /**
+   * Run `fn` on the raw connection after every statement queued before it.
+   * Everything that touches the connection goes through here, transaction
+   * control included.
+   */
+  run<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+    if (this.#streaming) return Promise.reject(this.#busy())
+    return this.#enqueue(fn)
+  }
+
+  executeQuery<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {
+    return this.run((raw) => raw.executeQuery<R>(compiledQuery))
+  }
+
+  /**
+   * Holds the connection from the first row to the end of the stream: a
+   * statement asked for meanwhile fails at once (it would wait for the stream,
+   * while the stream's consumer waits for it).
+   */
+  async *streamQuery<R>(
+    compiledQuery: CompiledQuery,
+    chunkSize?: number,
+  ): AsyncIterableIterator<QueryResult<R>> {
+    if (this.#streaming) throw this.#busy()
+    let release!: () => void
+    const hold = new Promise<void>((resolve) => {
+      release = resolve
+    })
+    let started!: () => void
+    const start = new Promise<void>((resolve) => {
+      started = resolve
+    })
+    const slot = this.#enqueue(() => {
+      started()
+      return hold
+    })
+    this.#streaming = true
+    try {
+      await start
+      yield* this.raw.streamQuery<R>(compiledQuery, chunkSize)
+    } finally {
+      this.#streaming = false
+      release()
+      await slot
+    }
+  }
+
+  #enqueue<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+    const tail = this.#tail
+    const run = tail ? tail.then(() => this.#call(fn)) : this.#call(fn)
+    this.#queued++
+    const settled = run.then(settle, settle).then(() => {
+      if (--this.#queued === 0) this.#tail = undefined
+    })
+    this.#tail = settled
+    return run
+  }
+
+  async #call<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+    try {
+      return await fn(this.raw)
+    } catch (e) {
+      if (isServerError(e)) this.failed = true
+      throw e
+    }
+  }
+
+  #busy(): Error {
+    return new TransactionStateError(
+      "A statement was sent to a session's connection while a stream() on it is still open: the " +
+        'connection is busy until the stream ends, and the statement would wait for the stream while ' +
+        "the stream's consumer waits for the statement. Fix: finish (or break out of) the " +
+        '`for await` loop first, collect the rows with execute() instead, or run the other work in ' +
+        'its own scope (runJob).',
+    )
+  }
+}
