@@ -151,6 +151,8 @@ export function deferred<T = void>() {
 
 export interface RawCall {
   req: http.ClientRequest
+  /** The response body bytes received so far (as text). */
+  received(): string
   /** Status and body, or the socket error when the request was destroyed. */
   done: Promise<{ status: number; body: string } | { error: Error }>
 }
@@ -168,10 +170,10 @@ export function rawRequest(
     headers: opts.headers,
     agent: false,
   })
+  let body = ''
   const done = new Promise<{ status: number; body: string } | { error: Error }>((resolve) => {
     req.on('error', (error) => resolve({ error }))
     req.on('response', (res) => {
-      let body = ''
       res.setEncoding('utf8')
       res.on('data', (d) => {
         body += d
@@ -183,7 +185,7 @@ export function rawRequest(
   })
   if (opts.body !== undefined) req.end(opts.body)
   else if (opts.method === undefined || opts.method === 'GET') req.end()
-  return { req, done }
+  return { req, done, received: () => body }
 }
 
 /** Rows of `table` whose id is in `ids` (from an independent connection). */
