@@ -31,6 +31,9 @@ beforeAll(async () => {
 })
 
 beforeEach(async () => {
+  await committedRows(url, 'DROP TABLE IF EXISTS counters')
+  await committedRows(url, 'CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)')
+  await committedRows(url, 'INSERT INTO counters VALUES (1, 0)')
   await committedRows(url, 'TRUNCATE doctors')
   await committedRows(url, "INSERT INTO doctors VALUES ('alice', true), ('bob', true)")
 })
@@ -92,6 +95,38 @@ describe.each(['auto', 'none'] as const)("serializable retry (scope transaction:
     expect((rejected[0] as PromiseRejectedResult).reason).toMatchObject({ code: '40001' })
     expect(runs).toEqual({ alice: 1, bob: 1 })
     expect(await committedRows(url, 'SELECT name FROM doctors WHERE on_call')).toHaveLength(1)
+    expectPoolSettled(t.pool)
+    await expectNoIdleInTransaction(url, t.app)
+  })
+
+  it('a read-then-write increment raced by another: the 40001 comes from the UPDATE; no update is lost', async () => {
+    const bothRead = { a: gate(), b: gate() }
+    const runs = { a: 0, b: 0 }
+    const increment = (me: 'a' | 'b') =>
+      scope.run(
+        () =>
+          scope.getSession().transaction(
+            async () => {
+              runs[me]++
+              const s = scope.getSession()
+              const { rows } = await s.use((c) =>
+                c.query<{ n: number }>('SELECT n FROM counters WHERE id = 1'),
+              )
+              if (runs[me] === 1) {
+                bothRead[me].open()
+                await bothRead[me === 'a' ? 'b' : 'a'].promise
+              }
+              await s.use((c) =>
+                c.query('UPDATE counters SET n = $1 WHERE id = 1', [rows[0]!.n + 1]),
+              )
+            },
+            { isolation: 'serializable', retry: { attempts: 3, backoffMs: 5 } },
+          ),
+        { name: `increment:${me}`, transaction: mode },
+      )
+    await Promise.all([increment('a'), increment('b')])
+    expect(runs.a + runs.b).toBe(3)
+    expect(await committedRows(url, 'SELECT n FROM counters')).toEqual([{ n: 2 }])
     expectPoolSettled(t.pool)
     await expectNoIdleInTransaction(url, t.app)
   })
