@@ -99,13 +99,20 @@ export class SessionConnection implements RoutedConnection {
   }
 
   async commit(): Promise<void> {
-    const tx = this.#pop('commit')
+    const tx = this.#tx.pop()
+    if (!tx) {
+      throw new TransactionStateError(
+        `commit() on session '${this.session.name}': this transaction already ended (a failed COMMIT ends it). Fix: start a new transaction.`,
+      )
+    }
     tx.end(true)
     await tx.done
   }
 
   async rollback(): Promise<void> {
-    const tx = this.#pop('rollback')
+    const tx = this.#tx.pop()
+    // Nothing open: its COMMIT failed and already rolled it back (`catch { trx.rollback() }` after a failed commit).
+    if (!tx) return
     tx.end(false)
     try {
       await tx.done
@@ -129,16 +136,6 @@ export class SessionConnection implements RoutedConnection {
   /** The session owns the connection and releases it when its scope ends; nothing to do here. */
   release(): Promise<void> {
     return Promise.resolve()
-  }
-
-  #pop(call: string): OpenTransaction {
-    const tx = this.#tx.pop()
-    if (!tx) {
-      throw new TransactionStateError(
-        `${call} on session '${this.session.name}' without a transaction begun on this Kysely connection (internal state error; please report it).`,
-      )
-    }
-    return tx
   }
 }
 
