@@ -70,6 +70,9 @@ describe('PoolTimeoutError', () => {
         'GET /reports/slow',
         'job:nightly-export',
       ])
+      // Both sit in their open unit of work (BEGIN sent, waiting on the gate): in-transaction.
+      expect(e.holders.map((h) => h.state)).toEqual(['in-transaction', 'in-transaction'])
+      expect(e.message).toMatch(/held \d+ ms, in-transaction/)
       // The acquisition site is this test file, not the library's internals.
       for (const h of e.holders) {
         expect(h.site).toContain('pool-timeout.test.ts')
