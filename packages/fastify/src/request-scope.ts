@@ -194,7 +194,10 @@ export class RequestScope {
   #bodyEnd(commit: boolean): BodyEnd {
     return {
       enter: (fn) => this.open.enter(fn),
-      end: () => this.#finish(commit),
+      end: () =>
+        this.#finish(commit).then((failure) =>
+          failure === undefined ? undefined : commitError(this.open.name, failure),
+        ),
       fail: () => {
         void this.#finishQuietly(false)
       },

@@ -6,9 +6,10 @@
  * body instead, and Fastify cuts the response off, so the client never sees a
  * clean end of work that was not saved.
  *
- * The source is read from inside the request's scope: `getSession()` in a
- * generator behind `Readable.from()` works even when the next chunk is asked
- * for by a `'drain'` on the socket, where AsyncLocalStorage is lost.
+ * The source is always read from inside the request's scope, whatever context
+ * asks for the next chunk: `getSession()` in a generator behind
+ * `Readable.from()` works even when the reply was sent from a callback that
+ * runs outside AsyncLocalStorage (an EventEmitter listener, a `req` event).
  */
 import { Readable } from 'node:stream'
 
