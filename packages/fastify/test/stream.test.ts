@@ -81,9 +81,11 @@ beforeAll(async () => {
   })
 
   app.get('/orphan-empty-stream', async () => {
-    async function* lines() {
+    // Ends without a single chunk, so the commit fails before anything was written.
+    async function* lines(): AsyncGenerator<string> {
       await h.db.query('INSERT INTO children (parent) VALUES (43)')
       await insert('orphan-empty-stream')
+      yield* []
     }
     return Readable.from(lines())
   })
@@ -92,7 +94,7 @@ beforeAll(async () => {
     await insert('endless')
     async function* lines() {
       try {
-        for (let i = 0; ; i++) {
+        for (;;) {
           await insert('endless-line')
           yield `${chunk}\n`
           await new Promise((r) => setTimeout(r, 1))
