@@ -319,7 +319,7 @@ describe('after and outside a scope', () => {
       { name: 'GET /late' },
     )
     open()
-    const err = await late.catch((e) => e)
+    const err = (await late.catch((e) => e)) as Error
     expect(err).toBeInstanceOf(SessionClosedError)
     expect(err.message).toContain("'GET /late'")
     expect(await f.notes()).toEqual(['in time'])
