@@ -9,7 +9,7 @@ const src = (pkg: string, file = 'index.ts') =>
 export const alias = [
   { find: /^@scoped\/core\/testing$/, replacement: src('core', 'testing/index.ts') },
   { find: /^@scoped\/core\/otel$/, replacement: src('core', 'otel/index.ts') },
-  { find: /^@scoped\/(core|pg|kysely|hono|fastify|express)$/, replacement: src('$1') },
+  { find: /^@scoped\/(core|pg|kysely|hono|fastify|express|typeorm|mikro-orm|drizzle)$/, replacement: src('$1') },
 ]
 
 export default defineConfig({

@@ -1,0 +1,7 @@
+export {
+  currentManager,
+  type ScopedEntityManager,
+  type ScopedRepository,
+  scopedManager,
+} from './scoped-manager.js'
+export { typeormDriver } from './typeorm-driver.js'
