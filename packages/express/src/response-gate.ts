@@ -1,0 +1,179 @@
+/**
+ * Holds a response's end back until its unit of work is decided.
+ *
+ * Express gives a middleware no way to await the handler, but every response
+ * ends in `res.end()` (`res.json`, `res.send`, `res.redirect`, a piped stream,
+ * Express's final handler). The gate replaces `res.end` on the response, so
+ * the first call is held: nothing of it reaches the socket until the unit of
+ * work says `send()` (it committed), `fail()` (the COMMIT failed) or until it
+ * lets the end through right away (it rolls back).
+ *
+ * Bytes written with `res.write()` before the end go out as they come (a
+ * streamed body must not wait for the database), except the one write that
+ * completes a declared `Content-Length`: that chunk would let the client see
+ * a complete response before the COMMIT, so it is held with the end. A
+ * chunked body's end is its terminal chunk, which only `res.end()` sends.
+ *
+ * `res.writeHead()` is not held: code that calls it has chosen its status
+ * line, so a COMMIT that fails after it cuts the connection instead of
+ * answering 500.
+ */
+import { type ServerResponse, STATUS_CODES } from 'node:http'
+
+type Callback = (error?: Error | null) => void
+type Args = unknown[]
+
+/** Headers that describe the body or the state the failed response claimed; a 500 must not keep them. */
+const claimHeaders = [
+  'content-type',
+  'content-length',
+  'content-encoding',
+  'content-language',
+  'content-range',
+  'content-disposition',
+  'content-location',
+  'etag',
+  'last-modified',
+  'location',
+  'set-cookie',
+  'transfer-encoding',
+]
+
+const failedBody = 'Internal Server Error'
+
+function byteLength(chunk: unknown, encoding: unknown): number {
+  if (typeof chunk === 'string') {
+    return Buffer.byteLength(
+      chunk,
+      typeof encoding === 'string' ? (encoding as BufferEncoding) : 'utf8',
+    )
+  }
+  if (chunk instanceof Uint8Array) return chunk.byteLength
+  return 0
+}
+
+function callbackIn(args: Args): Callback | undefined {
+  for (let i = args.length - 1; i >= 0; i--) {
+    if (typeof args[i] === 'function') return args[i] as Callback
+  }
+  return undefined
+}
+
+export class ResponseGate {
+  #res: ServerResponse
+  #end: (...args: Args) => ServerResponse
+  #write: (...args: Args) => boolean
+  #onEnd: () => void
+  /** open: passing writes; holding: end() called, waiting for the verdict; released: pass-through. */
+  #state: 'open' | 'holding' | 'released' = 'open'
+  #endArgs: Args = []
+  /** Writes held back: the one completing Content-Length, and any after it. */
+  #held: Args[] = []
+  #written = 0
+
+  /** `onEnd` runs (once) when the response's end is first asked for, with the end held. */
+  constructor(res: ServerResponse, onEnd: () => void) {
+    this.#res = res
+    // Whatever is there now (Node's, or an earlier middleware's, e.g. compression).
+    this.#end = res.end as never
+    this.#write = res.write as never
+    this.#onEnd = onEnd
+    const gate = this
+    res.end = function end(this: ServerResponse, ...args: Args) {
+      return gate.#endCalled(this, args)
+    } as ServerResponse['end']
+    res.write = function write(this: ServerResponse, ...args: Args) {
+      return gate.#writeCalled(this, args)
+    } as ServerResponse['write']
+  }
+
+  /** True while the end is held. */
+  get holding(): boolean {
+    return this.#state === 'holding'
+  }
+
+  /** True once `res.end()` was called (held or let through). */
+  get endCalled(): boolean {
+    return this.#state !== 'open'
+  }
+
+  /** Let everything held through: the response ends as the handler wrote it. */
+  send(): void {
+    if (this.#state === 'released') return
+    this.#state = 'released'
+    const res = this.#res
+    for (const args of this.#held) this.#write.apply(res, args)
+    this.#held = []
+    this.#end.apply(res, this.#endArgs)
+  }
+
+  /**
+   * The unit of work failed to commit what the response claims. Nothing sent
+   * yet: answer 500 instead. Headers or body already on the wire: destroy the
+   * socket, so the client sees the response break off, never a clean end.
+   */
+  fail(): void {
+    if (this.#state === 'released') return
+    this.#state = 'released'
+    const res = this.#res
+    const callback = callbackIn(this.#endArgs)
+    const dropped = new Error('the response was abandoned: its unit of work failed to commit')
+    for (const args of this.#held) {
+      const cb = callbackIn(args)
+      if (cb) process.nextTick(cb, dropped)
+    }
+    this.#held = []
+    if (res.headersSent || res.destroyed) {
+      res.destroy()
+      return
+    }
+    for (const name of claimHeaders) res.removeHeader(name)
+    res.statusCode = 500
+    res.statusMessage = STATUS_CODES[500] ?? failedBody
+    res.setHeader('Content-Type', 'text/plain; charset=utf-8')
+    res.setHeader('Content-Length', Buffer.byteLength(failedBody))
+    res.setHeader('Cache-Control', 'no-store')
+    res.setHeader('X-Content-Type-Options', 'nosniff')
+    this.#end.call(res, failedBody, 'utf8', callback)
+  }
+
+  #endCalled(res: ServerResponse, args: Args): ServerResponse {
+    if (this.#state === 'released') return this.#end.apply(res, args)
+    if (this.#state === 'holding') {
+      // A second end() while the first waits for the COMMIT: Node ignores an end
+      // after end; its callback runs when the response finishes.
+      const cb = callbackIn(args)
+      if (cb) res.once('finish', () => cb())
+      return res
+    }
+    this.#state = 'holding'
+    this.#endArgs = args
+    this.#onEnd()
+    return res
+  }
+
+  #writeCalled(res: ServerResponse, args: Args): boolean {
+    if (this.#state === 'released') return this.#write.apply(res, args)
+    if (this.#state === 'holding') {
+      // Write after end: refuse it as Node does, without reordering the held end.
+      const cb = callbackIn(args)
+      const err = Object.assign(new Error('write after end'), {
+        code: 'ERR_STREAM_WRITE_AFTER_END',
+      })
+      if (cb) process.nextTick(cb, err)
+      return false
+    }
+    if (this.#held.length > 0) {
+      this.#held.push(args)
+      return true
+    }
+    const len = byteLength(args[0], args[1])
+    const declared = Number(res.getHeader('content-length'))
+    if (len > 0 && Number.isFinite(declared) && this.#written + len >= declared) {
+      this.#held.push(args)
+      return true
+    }
+    this.#written += len
+    return this.#write.apply(res, args)
+  }
+}

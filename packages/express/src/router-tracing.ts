@@ -1,0 +1,146 @@
+/**
+ * What Express itself tells us about a request: which errors were thrown or
+ * passed to `next(err)`, and when each middleware and handler settled.
+ *
+ * A middleware cannot wrap the layers after it, and Express swallows a
+ * handler's throw (sync or async) into `next(err)`, where the middleware
+ * never sees it; an error handler that answers 400 would then look like a
+ * clean 400 and commit. Express 5's router (`router` >= 2.3) publishes every
+ * layer invocation on the `express.router.request` tracing channel of
+ * `node:diagnostics_channel`, for exactly this kind of observer, so nothing
+ * has to be monkey-patched and nobody has to remember to mount an
+ * error-marking middleware: an error anywhere after `scopedSession()` (a
+ * handler, a middleware, a body parser, a `router.param()` callback) reaches
+ * the request's unit of work by itself.
+ *
+ * The channel also says when each invocation settled (its `end`, or its
+ * returned promise's `asyncEnd`), which is how an aborted request knows its
+ * handler is done and the connection may go back.
+ */
+import dc from 'node:diagnostics_channel'
+import express from 'express'
+
+/** The part of a request's unit of work that hears the router's events. */
+export interface TracedUnit {
+  /** An invocation (middleware, handler, error handler) after the unit's middleware began. */
+  started(ctx: object): void
+  /** That invocation returned, or its promise settled. */
+  settled(ctx: object): void
+  /** An error was thrown, rejected or passed to `next(err)`, or reached an error handler. */
+  failed(error: unknown): void
+}
+
+interface TraceContext {
+  req?: Record<symbol, TracedUnit[] | undefined>
+  error?: unknown
+  incomingError?: unknown
+  errorHandler?: boolean
+  result?: unknown
+}
+
+const kUnits = Symbol('@scoped/express units')
+
+/** Route the request's router events to `unit` (one per scope: two scopes may share a request). */
+export function attach(req: object, unit: TracedUnit): void {
+  const r = req as Record<symbol, TracedUnit[] | undefined>
+  const units = r[kUnits]
+  if (units) units.push(unit)
+  else r[kUnits] = [unit]
+}
+
+/** Stop routing events to `unit` (its unit of work ended). */
+export function detach(req: object, unit: TracedUnit): void {
+  const units = (req as Record<symbol, TracedUnit[] | undefined>)[kUnits]
+  if (!units) return
+  const i = units.indexOf(unit)
+  if (i >= 0) units.splice(i, 1)
+}
+
+/** The units attached to `req`, for the middleware's "already mounted for this scope?" check. */
+export function unitsOf(req: object): readonly TracedUnit[] {
+  return (req as Record<symbol, TracedUnit[] | undefined>)[kUnits] ?? []
+}
+
+function unitsIn(ctx: TraceContext): TracedUnit[] | undefined {
+  const units = ctx.req?.[kUnits]
+  return units && units.length > 0 ? units : undefined
+}
+
+function settled(ctx: TraceContext): void {
+  const units = unitsIn(ctx)
+  if (units) for (const u of [...units]) u.settled(ctx)
+}
+
+const subscribers = {
+  start(message: unknown) {
+    const ctx = message as TraceContext
+    const units = unitsIn(ctx)
+    if (!units) return
+    // Errors raised before any traced invocation (route matching, URI decoding) are
+    // never published on `error`, but every error handler sees them as incomingError.
+    if (ctx.errorHandler && ctx.incomingError) for (const u of units) u.failed(ctx.incomingError)
+    for (const u of units) u.started(ctx)
+  },
+  end(message: unknown) {
+    const ctx = message as TraceContext
+    // `result` or `error` set at `end`: it settled synchronously, no asyncEnd follows.
+    if ('result' in ctx || 'error' in ctx) settled(ctx)
+  },
+  asyncStart() {},
+  asyncEnd(message: unknown) {
+    settled(message as TraceContext)
+  },
+  error(message: unknown) {
+    const ctx = message as TraceContext
+    const units = unitsIn(ctx)
+    if (units) for (const u of [...units]) u.failed(ctx.error)
+  },
+}
+
+let ready = false
+
+/**
+ * Subscribe once per process, and check that this Express's router publishes
+ * (router < 2.3 does not): without it a thrown error would commit, so refuse
+ * to start rather than be quietly wrong.
+ */
+export function ensureRouterTracing(): void {
+  if (ready) return
+  const tracing = (dc as { tracingChannel?: typeof dc.tracingChannel }).tracingChannel
+  if (typeof tracing !== 'function') {
+    throw new Error(
+      'scopedSession(): this Node.js has no diagnostics_channel.tracingChannel, which ' +
+        '@scoped/express needs to see errors thrown in Express handlers. Use Node.js >= 20.',
+    )
+  }
+  tracing('express.router.request').subscribe(subscribers)
+  // A dry run through a router of the Express we were built against.
+  let seen = false
+  const probe: TracedUnit = {
+    started: () => {
+      seen = true
+    },
+    settled: () => {},
+    failed: () => {},
+  }
+  const req = { url: '/', method: 'GET' }
+  attach(req, probe)
+  const router = express.Router()
+  router.use((_req, _res, next) => next())
+  // handle() is the router's entry point (what app.handle() calls); @types/express hides it.
+  ;(router as unknown as { handle(req: object, res: object, done: () => void): void }).handle(
+    req,
+    {},
+    () => {},
+  )
+  if (!seen) {
+    tracing('express.router.request').unsubscribe(subscribers)
+    throw new Error(
+      "scopedSession(): Express's router does not publish the 'express.router.request' " +
+        'diagnostics channel (it was added in router 2.3.0), so a thrown error could not be ' +
+        'told from a clean response and would be committed. Fix: update the router Express 5 ' +
+        'uses (npm update router, or pnpm update router / yarn upgrade router).',
+    )
+  }
+  ready = true
+}
