@@ -97,7 +97,11 @@ export class RequestLifecycle<C> {
    * ends (COMMIT if `commit`), and a failed COMMIT errors the body, so the
    * client sees the response break off instead of ending cleanly.
    */
-  liveResponse(res: Response, state: Extract<BodyState, { kind: 'live' }>, commit: boolean): Response {
+  liveResponse(
+    res: Response,
+    state: Extract<BodyState, { kind: 'live' }>,
+    commit: boolean,
+  ): Response {
     this.#source = state.reader
     const body = liveBody(state, res.headers.has('content-length'), {
       finish: async (ok) => {

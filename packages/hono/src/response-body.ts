@@ -125,7 +125,10 @@ export async function inspectBody(res: Response): Promise<BodyState> {
     at += c.byteLength
   }
   // Not statusText: on the lightweight Response it would rebuild the full one from the stream we just read.
-  return { kind: 'finished', replacement: new Response(bytes, { status: res.status, headers: res.headers }) }
+  return {
+    kind: 'finished',
+    replacement: new Response(bytes, { status: res.status, headers: res.headers }),
+  }
 }
 
 export interface LiveBodyHooks {

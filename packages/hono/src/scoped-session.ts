@@ -28,7 +28,9 @@ function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
   const s = scope as unknown as Record<string, unknown> | null
   if (typeof s !== 'object' || s === null || typeof s.open !== 'function') {
     const looksLikeOptions =
-      typeof s === 'object' && s !== null && ['name', 'commitOn', 'cancelOnAbort'].some((k) => k in s)
+      typeof s === 'object' &&
+      s !== null &&
+      ['name', 'commitOn', 'cancelOnAbort'].some((k) => k in s)
     throw new TypeError(
       `scopedSession(scope): expected a Scope from createScope(), got ${describe(scope)}.` +
         (looksLikeOptions

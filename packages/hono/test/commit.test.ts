@@ -2,8 +2,9 @@
  * When the unit of work commits, when it rolls back, and that the commit is
  * done before the client has the response.
  */
-import { HTTPException } from 'hono/http-exception'
+
 import { Hono } from 'hono'
+import { HTTPException } from 'hono/http-exception'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'

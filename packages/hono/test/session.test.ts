@@ -2,13 +2,22 @@
  * Where getSession() works, that requests never share one, that a route
  * without a statement checks nothing out, and how the middleware is set up.
  */
-import { createScope, getSession, SessionClosedError } from '@scoped/core'
+import { createScope, getSession, type Session, SessionClosedError } from '@scoped/core'
 import { pgDriver } from '@scoped/pg'
 import { Hono } from 'hono'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
-import { type Db, database, deferred, listen, type Running, settled, tally, until } from './support.ts'
+import {
+  type Db,
+  database,
+  deferred,
+  listen,
+  type Running,
+  settled,
+  tally,
+  until,
+} from './support.ts'
 
 let d: Db
 let server: Running
@@ -154,7 +163,9 @@ describe('setting the middleware up', () => {
       const app = new Hono()
       app.use(scopedSession())
       app.get('/', async (c) => {
-        const { rows } = await getSession().use((client) => client.query('SELECT 41 + 1 AS n'))
+        // Unregistered default scope: its connection type is unknown to TypeScript.
+        const session = getSession() as unknown as Session<pg.PoolClient>
+        const { rows } = await session.use((client) => client.query('SELECT 41 + 1 AS n'))
         return c.json({ n: rows[0].n, name: getSession().name })
       })
       const res = await app.request('/')
@@ -192,13 +203,18 @@ describe('setting the middleware up', () => {
       errors.push(err)
       return c.text('failed', 500)
     })
-    app.use('/named/*', scopedSession(d.scope, { name: (c) => `api:${c.req.param('what') ?? 'x'}` }))
+    app.use(
+      '/named/*',
+      scopedSession(d.scope, { name: (c) => `api:${c.req.param('what') ?? 'x'}` }),
+    )
     app.use('/unnamed/*', scopedSession(d.scope, { name: () => '' }))
     app.get('/named/:what', (c) => c.text(d.scope.getSession().name))
     app.get('/unnamed/:what', (c) => c.text('never'))
     expect(await (await app.request('/named/thing')).text()).toBe('api:x')
     const bad = await app.request('/unnamed/thing')
     expect(bad.status).toBe(500)
-    expect(errors[0]?.message).toMatch(/\{ name \}\): name\(c\) must return a non-empty string, got ""/)
+    expect(errors[0]?.message).toMatch(
+      /\{ name \}\): name\(c\) must return a non-empty string, got ""/,
+    )
   })
 })

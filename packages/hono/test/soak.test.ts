@@ -23,7 +23,16 @@ import {
 
 const REQUESTS = 2_000
 const CONCURRENCY = 32
-const modes = ['ok', 'notfound', 'stream', 'throw', 'throw-value', 'fail500', 'abort', 'timeout'] as const
+const modes = [
+  'ok',
+  'notfound',
+  'stream',
+  'throw',
+  'throw-value',
+  'fail500',
+  'abort',
+  'timeout',
+] as const
 type Mode = (typeof modes)[number]
 
 let d: Db
@@ -165,7 +174,9 @@ it(`soak: ${REQUESTS} requests, ${CONCURRENCY} concurrent, mixed outcomes; commi
     const o = outcome.get(p.id)
     const answered = typeof o === 'number' && o < 500
     if (committed.has(p.id) !== answered) {
-      problems.push(`${p.id} (${p.mode}) got ${o} but its row is ${committed.has(p.id) ? 'committed' : 'absent'}`)
+      problems.push(
+        `${p.id} (${p.mode}) got ${o} but its row is ${committed.has(p.id) ? 'committed' : 'absent'}`,
+      )
     }
     const acquires = t.acquiresOf(p.id)
     const releases = t.releasesOf(p.id)
@@ -177,7 +188,8 @@ it(`soak: ${REQUESTS} requests, ${CONCURRENCY} concurrent, mixed outcomes; commi
 
   // Every kind of ending really happened in this run.
   const statuses = new Set([...outcome.values()])
-  for (const s of [200, 404, 500, 504, 'aborted'] as const) expect(statuses.has(s), `seed ${seed}: saw ${s}`).toBe(true)
+  for (const s of [200, 404, 500, 504, 'aborted'] as const)
+    expect(statuses.has(s), `seed ${seed}: saw ${s}`).toBe(true)
   expect(committed.size).toBeGreaterThan(0)
 
   expect(d.scope.stats().open).toBe(0)

@@ -131,7 +131,10 @@ afterAll(async () => {
   await d?.close()
 })
 
-async function readAll(reader: ReadableStreamDefaultReader<Uint8Array>, soFar = ''): Promise<string> {
+async function readAll(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  soFar = '',
+): Promise<string> {
   const decoder = new TextDecoder()
   let text = soFar
   for (;;) {
@@ -162,10 +165,9 @@ describe('stream()', () => {
     text = await readAll(reader, text)
     expect(text).toBe('start\na\nsame session: true\n')
     // The clean end arrived: both rows are committed already.
-    expect(await rowIds(d.url, 'SELECT id FROM items WHERE id LIKE $1 ORDER BY id', [`${id}-%`])).toEqual([
-      `${id}-a`,
-      `${id}-b`,
-    ])
+    expect(
+      await rowIds(d.url, 'SELECT id FROM items WHERE id LIKE $1 ORDER BY id', [`${id}-%`]),
+    ).toEqual([`${id}-a`, `${id}-b`])
     await settled(d)
     t.stop()
     expect(t.acquiresOf(id)).toBe(1)
@@ -180,11 +182,9 @@ describe('stream()', () => {
     expect(res.headers.get('content-type')).toBe('text/event-stream')
     const text = await res.text()
     expect(text.match(/event: inserted/g)).toHaveLength(3)
-    expect(await rowIds(d.url, 'SELECT id FROM items WHERE id LIKE $1 ORDER BY id', [`${id}-%`])).toEqual([
-      'sse-0',
-      'sse-1',
-      'sse-2',
-    ])
+    expect(
+      await rowIds(d.url, 'SELECT id FROM items WHERE id LIKE $1 ORDER BY id', [`${id}-%`]),
+    ).toEqual(['sse-0', 'sse-1', 'sse-2'])
     await settled(d)
     t.stop()
     expect(t.releasesOf(id)).toBe(1)
@@ -227,7 +227,10 @@ describe('stream()', () => {
     late = deferred()
     const id = 'stream-abort'
     const t = tally(d.scope.name)
-    const call = rawRequest(server.port, { path: `/stream-abort/${id}`, headers: { 'x-test-id': id } })
+    const call = rawRequest(server.port, {
+      path: `/stream-abort/${id}`,
+      headers: { 'x-test-id': id },
+    })
     const firstChunk = new Promise<void>((resolve) =>
       call.req.on('response', (res) => res.once('data', () => resolve())),
     )
@@ -249,7 +252,10 @@ describe('stream()', () => {
     gate = deferred()
     const id = 'head'
     const t = tally(d.scope.name)
-    const res = await fetch(`${server.url}/stream/${id}`, { method: 'HEAD', headers: { 'x-test-id': id } })
+    const res = await fetch(`${server.url}/stream/${id}`, {
+      method: 'HEAD',
+      headers: { 'x-test-id': id },
+    })
     expect(res.status).toBe(200)
     await until(() => t.releasesOf(id) === 1, 'released after the HEAD response')
     gate.resolve()
@@ -264,7 +270,9 @@ describe('a stream body that is already complete when the handler returns', () =
   it('is committed before the response is sent, so a failed COMMIT is still a 500', async () => {
     const ok = await fetch(`${server.url}/finished-stream/ok/finished-ok`)
     expect(ok.status).toBe(200)
-    expect(await rowIds(d.url, "SELECT id FROM items WHERE id = 'finished-ok'")).toEqual(['finished-ok'])
+    expect(await rowIds(d.url, "SELECT id FROM items WHERE id = 'finished-ok'")).toEqual([
+      'finished-ok',
+    ])
     expect(await ok.text()).toBe('all of it')
 
     const bad = await fetch(`${server.url}/finished-stream/orphan/finished-orphan`)

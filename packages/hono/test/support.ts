@@ -96,11 +96,16 @@ export function tally(scopeName: string) {
   const acquires: Event[] = []
   const releases: Event[] = []
   const onAcquire = (m: any) => {
-    if (m.scope === scopeName) acquires.push({ requestId: m.session.requestId, name: m.session.name })
+    if (m.scope === scopeName)
+      acquires.push({ requestId: m.session.requestId, name: m.session.name })
   }
   const onRelease = (m: any) => {
     if (m.scope === scopeName) {
-      releases.push({ requestId: m.session.requestId, name: m.session.name, destroyed: m.destroyed })
+      releases.push({
+        requestId: m.session.requestId,
+        name: m.session.name,
+        destroyed: m.destroyed,
+      })
     }
   }
   dc.subscribe('scoped:acquire', onAcquire)
