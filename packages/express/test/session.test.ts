@@ -285,7 +285,7 @@ describe('the session name', () => {
     app.get(
       '/bad',
       scopedSession(d.scope, { name: () => '' as string }),
-      (_req, res) => {
+      (_req: Request, res: Response) => {
         res.json({ name: d.scope.getSession().name })
       },
       errorsAsJson,
