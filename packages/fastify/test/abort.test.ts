@@ -6,7 +6,8 @@
  * Covers aborts mid-handler and mid-upload, and Fastify's connectionTimeout,
  * requestTimeout and handlerTimeout.
  */
-import Fastify, { type FastifyInstance } from 'fastify'
+import type http from 'node:http'
+import Fastify, { type FastifyHttpOptions, type FastifyInstance } from 'fastify'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import {
@@ -65,7 +66,7 @@ async function sleepThenInsert(tag: string, seconds: number): Promise<Seen> {
 }
 
 async function server(
-  options: Parameters<typeof Fastify>[0],
+  options: FastifyHttpOptions<http.Server>,
   plugin: { cancelOnAbort?: boolean },
   routes: (app: FastifyInstance) => void,
 ): Promise<number> {

@@ -5,7 +5,7 @@
  * or not), 5xx and errors in hooks roll back, a returned 4xx commits; every
  * request that touched the database releases its connection exactly once.
  */
-import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
+import Fastify, { type FastifyInstance } from 'fastify'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import { committed, expectSettled, type Harness, harness, listen } from './support.ts'
@@ -62,10 +62,10 @@ beforeAll(async () => {
     await insert('throw-undefined')
     throw undefined
   })
-  app.get('/sync-throw', (_request, reply: FastifyReply) => {
+  app.get('/sync-throw', () => {
     // A callback-style handler that throws after starting a statement.
     void insert('sync-throw')
-    if (reply) throw new Error('sync boom')
+    throw new Error('sync boom')
   })
   app.get('/return-500', async (_request, reply) => {
     await insert('return-500')
@@ -164,7 +164,7 @@ describe('commit before the response', () => {
     const released = h.releases()
     const res = await fetch(`${base}/orphan`, { method: 'POST' })
     expect(res.status).toBe(500)
-    const body = await res.json()
+    const body = (await res.json()) as { message: string }
     expect(body.message).toMatch(/was not committed/)
     expect(body.message).toMatch(/foreign key/)
     expect(await rowsOf('orphan')).toBe(0)

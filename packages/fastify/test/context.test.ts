@@ -5,7 +5,7 @@
  * two requests at once never see each other's; a route that never touches
  * the database checks out nothing.
  */
-import Fastify, { type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import { expectSettled, type Harness, harness, listen, send } from './support.ts'
@@ -26,14 +26,18 @@ beforeAll(async () => {
   await app.register(scopedSession, { scope: h.scope })
 
   // A parser with parseAs: Fastify calls it from the request's 'end' listener.
-  app.addContentTypeParser('text/x-order', { parseAs: 'string' }, async (request) => {
-    const pid = await backendPid()
-    return {
-      parserPid: pid,
-      parserSession: h.scope.getSession().id,
-      requestSession: request.session.id,
-    }
-  })
+  app.addContentTypeParser(
+    'text/x-order',
+    { parseAs: 'string' },
+    async (request: FastifyRequest) => {
+      const pid = await backendPid()
+      return {
+        parserPid: pid,
+        parserSession: h.scope.getSession().id,
+        requestSession: request.session.id,
+      }
+    },
+  )
 
   app.post('/everywhere', {
     preHandler: async (request) => {
@@ -113,7 +117,9 @@ describe('getSession() across the chain', () => {
   it('two concurrent requests never see each other’s session or connection', async () => {
     const acquired = h.scope.stats().totals.acquired
     const results = await Promise.all(
-      Array.from({ length: 20 }, (_, i) => fetch(`${base}/whoami/${i}`).then((r) => r.json())),
+      Array.from({ length: 20 }, (_, i) =>
+        fetch(`${base}/whoami/${i}`).then((r) => r.json() as Promise<Record<string, unknown>>),
+      ),
     )
     for (const [i, r] of results.entries()) {
       expect(r.n).toBe(String(i))

@@ -201,7 +201,9 @@ describe('a stream payload', () => {
     const released = h.releases()
     const res = await fetch(`${base}/orphan-empty-stream`)
     expect(res.status).toBe(500)
-    expect((await res.json()).message).toMatch(/was not committed.*foreign key/)
+    expect(((await res.json()) as { message: string }).message).toMatch(
+      /was not committed.*foreign key/,
+    )
     expect(await rowsOf('orphan-empty-stream')).toBe(0)
     await expectSettled(h)
     expect(h.releases() - released).toBe(1)
