@@ -40,6 +40,8 @@ export class RequestLifecycle<C> {
   #scope: Scope<C>
   #cancelOnAbort: boolean
   #chainDone = false
+  /** The raw response closed before the chain settled: nothing will read a body now. */
+  #closedEarly = false
   #aborted = false
   #ending: Promise<unknown> | undefined
   /** The live body's source, while it is being sent. */
@@ -66,6 +68,11 @@ export class RequestLifecycle<C> {
   /** The chain after the middleware settled: from now on a 'close' ends the unit of work. */
   chainSettled(): void {
     this.#chainDone = true
+  }
+
+  /** The client went away (or the socket was destroyed) before the response was sent. */
+  get aborted(): boolean {
+    return this.#aborted
   }
 
   /** Abort the unit of work: rollback-only, `session.signal` aborts, optionally cancel the statement. */
@@ -102,6 +109,13 @@ export class RequestLifecycle<C> {
     state: Extract<BodyState, { kind: 'live' }>,
     commit: boolean,
   ): Response {
+    if (this.#closedEarly) {
+      // The response ended before there was a body to send (a handler that
+      // wrote to the raw response itself): nobody will ever read this one.
+      state.reader.cancel().catch(noop)
+      this.end(false).catch(noop)
+      return res
+    }
     this.#source = state.reader
     const body = liveBody(state, res.headers.has('content-length'), {
       finish: async (ok) => {
@@ -134,7 +148,10 @@ export class RequestLifecycle<C> {
 
   #gone(finished: boolean): void {
     if (!finished) this.abort('client-abort', this.#cancelOnAbort)
-    if (!this.#chainDone) return // the middleware ends it when the handler settles
+    if (!this.#chainDone) {
+      this.#closedEarly = true
+      return // the middleware ends it when the handler settles
+    }
     // The backstop: the response is over, whatever happened to it (a live body
     // nobody read, a HEAD request, a socket destroyed mid-body).
     const source = this.#source

@@ -140,6 +140,12 @@ export function scopedSession<C = unknown>(
       return
     }
 
+    if (life.aborted) {
+      // The client left while the chain ran: no body will be read, nothing commits.
+      await life.rollback()
+      return
+    }
+
     let commit: boolean
     try {
       commit = opts.commitOn({ status: c.res.status, error: undefined }) === true

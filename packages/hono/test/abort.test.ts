@@ -11,6 +11,7 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import {
+  aborted,
   type Db,
   database,
   deferred,
@@ -97,7 +98,7 @@ beforeAll(async () => {
     const session = d.scope.getSession()
     await insert(c.req.param('id'))
     probe.entered.resolve(await backendPid())
-    await new Promise((r) => session.signal.addEventListener('abort', r, { once: true }))
+    await aborted(session.signal)
     probe.aborted.resolve()
     await probe.gate.promise
     await d.db.query('SELECT 1').then(() => probe.after.resolve('no error'), probe.after.resolve)
@@ -107,7 +108,7 @@ beforeAll(async () => {
   // During a statement: an UPDATE that waits for a row lock the test holds.
   app.get('/:mode{plain|cancel}/locked/:id', async (c) => {
     const session = d.scope.getSession()
-    session.signal.addEventListener('abort', () => probe.aborted.resolve(), { once: true })
+    aborted(session.signal).then(() => probe.aborted.resolve())
     await insert(c.req.param('id'))
     probe.entered.resolve(await backendPid())
     try {

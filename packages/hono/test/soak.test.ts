@@ -12,6 +12,7 @@ import { timeout } from 'hono/timeout'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import {
+  aborted,
   type Db,
   database,
   independentQuery,
@@ -83,10 +84,7 @@ beforeAll(async () => {
     const session = d.scope.getSession()
     await insert(c.req.param('id'))
     // Never answers: waits until the client has gone, then tries one more statement (it fails).
-    await new Promise((r) => {
-      if (session.signal.aborted) r(undefined)
-      else session.signal.addEventListener('abort', r, { once: true })
-    })
+    await aborted(session.signal)
     await d.db.query('SELECT 1')
     return c.text('unreachable')
   })

@@ -9,6 +9,7 @@ import { stream, streamSSE } from 'hono/streaming'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import {
+  aborted,
   type Db,
   database,
   deferred,
@@ -92,6 +93,18 @@ beforeAll(async () => {
       await d.db.query('SELECT 1').then(() => late.resolve('no error'), late.resolve)
     }),
   )
+
+  // The client leaves before the handler returns its stream.
+  app.get('/late-stream/:id', async (c) => {
+    const session = d.scope.getSession()
+    await insert(c.req.param('id'))
+    await aborted(session.signal)
+    return stream(c, async (s) => {
+      await s.write('nobody')
+      await s.sleep(30) // still producing when the middleware looks at it
+      await s.write('reads this')
+    })
+  })
 
   // A Content-Length body streamed in two parts: the last part is held back until COMMIT.
   app.get('/length-orphan/:id', async (c) => {
@@ -245,6 +258,22 @@ describe('stream()', () => {
     t.stop()
     expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
     expect(t.releasesOf(id)).toBe(1)
+    expect(d.pool.totalCount).toBe(d.pool.idleCount)
+  })
+
+  it('a client that left before the handler returned its stream: rollback, one release', async () => {
+    const id = 'late-stream'
+    const t = tally(d.scope.name)
+    const call = rawRequest(server.port, {
+      path: `/late-stream/${id}`,
+      headers: { 'x-test-id': id },
+    })
+    await until(() => t.acquiresOf(id) === 1, 'the handler has its connection')
+    call.req.destroy()
+    await settled(d)
+    t.stop()
+    expect(t.releasesOf(id)).toBe(1)
+    expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
     expect(d.pool.totalCount).toBe(d.pool.idleCount)
   })
 

@@ -144,6 +144,12 @@ export async function settled(d: Db): Promise<void> {
   )
 }
 
+/** Resolves when `signal` aborts, at once if it already has (a listener added late never fires). */
+export function aborted(signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve()
+  return new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }))
+}
+
 export function deferred<T = void>() {
   let resolve!: (v: T) => void
   let reject!: (e: unknown) => void
