@@ -1,0 +1,2 @@
+export { currentEntityManager } from './current-entity-manager.js'
+export { mikroOrmDriver } from './mikro-orm-driver.js'

@@ -1,0 +1,180 @@
+/**
+ * What is particular to MikroORM: the unit of work flushed at COMMIT, one
+ * identity map per session (cleared at the end), a kept EntityManager failing
+ * after its request, `transaction: 'none'`, and a broken connection destroyed.
+ */
+
+import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
+import { createScope, TransactionStateError } from '@scoped/core'
+import { currentEntityManager, mikroOrmDriver } from '@scoped/mikro-orm'
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import {
+  committedRows,
+  expectNoIdleInTransaction,
+  gate,
+  uniqueAppName,
+} from '../../../test/foundation/support.ts'
+import { NOTES_DDL } from '../../../test/orm/suite.ts'
+import { independentQuery, testDatabase } from '../../../test/support/db.ts'
+import { NoteSchema } from './note.ts'
+import { initOrm, poolFigures } from './orm.ts'
+
+let url: string
+let app: string
+let orm: MikroORM
+let scope: ReturnType<typeof createScope<EntityManager>>
+
+beforeAll(async () => {
+  url = await testDatabase('mikro_orm_driver')
+  await independentQuery(url, NOTES_DDL)
+  app = uniqueAppName('mikro')
+  orm = await initOrm(url, 2, app)
+  scope = createScope({ driver: mikroOrmDriver(orm), default: false, name: 'mikro-orm' })
+})
+
+beforeEach(async () => {
+  await independentQuery(url, 'TRUNCATE notes')
+})
+
+afterAll(async () => {
+  await scope.close()
+})
+
+const values = async () =>
+  (await committedRows<{ v: string }>(url, 'SELECT v FROM notes ORDER BY id')).map((r) => r.v)
+
+const expectPoolIdle = async () => {
+  const p = poolFigures(orm)
+  expect(p.total).toBe(p.idle)
+  expect(p.waiting).toBe(0)
+  await expectNoIdleInTransaction(url, app)
+}
+
+describe('the unit of work', () => {
+  it('persist() without flush() is flushed and committed when the scope ends; a throw discards it', async () => {
+    await scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      em.persist(em.create(NoteSchema, { v: 'persisted-only' }))
+    })
+    expect(await values()).toEqual(['persisted-only'])
+
+    const failed = scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      em.persist(em.create(NoteSchema, { v: 'flushed-then-thrown' }))
+      await em.flush()
+      em.persist(em.create(NoteSchema, { v: 'never-flushed' }))
+      throw new Error('planned')
+    })
+    await expect(failed).rejects.toThrow('planned')
+    expect(await values()).toEqual(['persisted-only'])
+    await expectPoolIdle()
+  })
+
+  it('an inner throw in a nested transaction() drops what was persisted inside it, keeps the rest', async () => {
+    await scope.run(async () => {
+      const session = scope.getSession()
+      const em = await currentEntityManager(scope)
+      em.persist(em.create(NoteSchema, { v: 'outer-unflushed' }))
+      await expect(
+        session.transaction(async () => {
+          em.persist(em.create(NoteSchema, { v: 'inner-flushed' }))
+          await em.flush()
+          em.persist(em.create(NoteSchema, { v: 'inner-unflushed' }))
+          throw new Error('inner fails')
+        }),
+      ).rejects.toThrow('inner fails')
+      em.persist(em.create(NoteSchema, { v: 'outer-after' }))
+    })
+    // Entering the savepoint flushed the outer change first, so the inner rollback kept it.
+    expect(await values()).toEqual(['outer-unflushed', 'outer-after'])
+    await expectPoolIdle()
+  })
+
+  it('each session has its own identity map, emptied when the session ends', async () => {
+    await scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      em.create(NoteSchema, { v: 'shared' })
+    })
+    const first = gate()
+    const seen: EntityManager[] = []
+    const a = scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      seen.push(em)
+      const note = await em.findOneOrFail(NoteSchema, { v: 'shared' })
+      note.v = 'changed-in-a-only'
+      await first.promise
+      // b's change to its own copy is not visible here.
+      expect(note.v).toBe('changed-in-a-only')
+    })
+    const b = scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      seen.push(em)
+      const note = await em.findOneOrFail(NoteSchema, { v: 'shared' })
+      expect(note.v).toBe('shared')
+      first.open()
+    })
+    await Promise.all([a, b])
+    expect(seen[0] === seen[1]).toBe(false)
+    for (const em of seen) expect(em.getUnitOfWork().getIdentityMap().values()).toEqual([])
+    expect(await values()).toEqual(['changed-in-a-only'])
+  })
+})
+
+describe('misuse fails loudly', () => {
+  it('an EntityManager kept past its request throws instead of writing outside any session', async () => {
+    let kept: EntityManager | undefined
+    await scope.run(async () => {
+      kept = await currentEntityManager(scope)
+      kept.persist(kept.create(NoteSchema, { v: 'in-time' }))
+    })
+    const late = kept!.create(NoteSchema, { v: 'too-late' })
+    // MikroORM wraps every error of a query in its DriverException; the code and message are ours.
+    const closed = { code: 'SESSION_CLOSED', message: expect.stringMatching(/which is closed/) }
+    await expect(kept!.persistAndFlush(late)).rejects.toMatchObject(closed)
+    await expect(kept!.find(NoteSchema, {})).rejects.toMatchObject(closed)
+    expect(await values()).toEqual(['in-time'])
+    await expectPoolIdle()
+  })
+
+  it("in transaction: 'none', currentEntityManager() outside transaction(fn) says why and how to fix it", async () => {
+    await scope.run(
+      async () => {
+        await expect(currentEntityManager(scope)).rejects.toBeInstanceOf(TransactionStateError)
+        await expect(currentEntityManager(scope)).rejects.toThrow(/transaction: 'auto'/)
+        await scope.getSession().transaction(async () => {
+          const em = await currentEntityManager(scope)
+          em.persist(em.create(NoteSchema, { v: 'inside-transaction' }))
+        })
+      },
+      { transaction: 'none' },
+    )
+    expect(await values()).toEqual(['inside-transaction'])
+    await expectPoolIdle()
+  })
+})
+
+describe('connections that must not be reused', () => {
+  it('a backend terminated mid-request is destroyed; the next request gets a working one', async () => {
+    let deadPid = 0
+    const run = scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      ;[{ pid: deadPid }] = await em.execute('SELECT pg_backend_pid() AS pid')
+      await independentQuery(url, 'SELECT pg_terminate_backend($1)', [deadPid])
+      em.persist(em.create(NoteSchema, { v: 'lost' }))
+      await em.flush()
+    })
+    await expect(run).rejects.toThrow(/terminat|Connection/i)
+    expect(scope.stats().totals.destroyed).toBeGreaterThanOrEqual(1)
+    for (let i = 0; i < 3; i++) {
+      await scope.run(async () => {
+        const em = await currentEntityManager(scope)
+        const [row] = await em.execute('SELECT pg_backend_pid() AS pid')
+        expect(row!.pid).not.toBe(deadPid)
+        em.persist(em.create(NoteSchema, { v: `fresh-${i}` }))
+      })
+    }
+    expect(await values()).toEqual(['fresh-0', 'fresh-1', 'fresh-2'])
+    await expectPoolIdle()
+    expect(poolFigures(orm).total).toBeLessThanOrEqual(2)
+  })
+})
