@@ -9,6 +9,7 @@ const src = (pkg: string, file = 'index.ts') =>
 export const alias = [
   { find: /^@scoped\/core\/testing$/, replacement: src('core', 'testing/index.ts') },
   { find: /^@scoped\/core\/otel$/, replacement: src('core', 'otel/index.ts') },
+  { find: /^@scoped\/core\/page$/, replacement: src('core', 'page/index.ts') },
   { find: /^@scoped\/(core|pg|kysely|hono|fastify|express|typeorm|mikro-orm|drizzle)$/, replacement: src('$1') },
 ]
 
