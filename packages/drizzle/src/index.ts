@@ -1,0 +1,1 @@
+export { type ScopedDrizzle, scopedDrizzle } from './scoped-drizzle.js'
