@@ -4,8 +4,9 @@
  *
  * The entry points come from the package's own `exports` map: an export whose
  * `import` target is `./dist/testing/index.js` is built from `src/testing/index.ts`.
- * Adding a subpath is therefore one edit (package.json); an export whose source does
- * not exist yet is left out of the build, and test/publish then fails for it by name.
+ * Adding a subpath is therefore one edit (package.json); a subpath export whose source
+ * does not exist yet is left out of the build, and test/publish then fails for it by
+ * name. The main entry, src/index.ts, is always built, and its absence is an error.
  *
  *   // packages/core/tsup.config.ts
  *   export default packageBuild()
@@ -32,9 +33,16 @@ export function entriesFromExports(dir: string): Record<string, string> {
     const source = join('src', `${name}.ts`)
     if (existsSync(join(dir, source))) entry[name] = source
   }
-  // Even with a malformed exports map, build the main entry so the publish test
-  // can say what is wrong rather than finding no dist at all.
-  if (Object.keys(entry).length === 0) entry.index = 'src/index.ts'
+  if (!entry.index) {
+    // Without the main entry there is no package: say so here rather than leave tsup
+    // to print "No input files".
+    if (!existsSync(join(dir, 'src', 'index.ts'))) {
+      throw new Error(
+        `${dir}: src/index.ts does not exist; the "." export of package.json is built from it`,
+      )
+    }
+    entry.index = 'src/index.ts'
+  }
   return entry
 }
 
