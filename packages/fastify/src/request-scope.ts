@@ -46,6 +46,8 @@ export class RequestScope {
   /** The unit of work is ending; resolves to the commit failure, if any. */
   #ending: Promise<unknown> | undefined
   #commitFailed = false
+  /** onSend's first pass, until it handed its payload (or its commit error) on. */
+  #firstPass: Promise<void> | undefined
 
   constructor(open: OpenScope<unknown>, reply: FastifyReply, options: ResolvedOptions) {
     this.open = open
@@ -88,9 +90,15 @@ export class RequestScope {
   send(payload: unknown, done: (error: Error | null, payload?: unknown) => void): void {
     const reply = this.#reply
     if (this.#responded) {
-      // The second pass: the error response of a failed commit must not claim success.
-      if (this.#commitFailed && reply.statusCode < 500) reply.code(500)
-      done(null, payload)
+      // A second pass: the error response of our failed commit or of a later onSend hook,
+      // or a racing one (a hook sent without `return reply`, so the handler ran too). It
+      // waits for the first pass's response, so it can never overtake a committed one.
+      const pass = () => {
+        if (this.#commitFailed && reply.statusCode < 500) reply.code(500)
+        this.#deliver(done, null, payload)
+      }
+      if (this.#firstPass) void this.#firstPass.then(pass)
+      else pass()
       return
     }
     this.#responded = true
@@ -98,12 +106,19 @@ export class RequestScope {
       done(null, payload)
       return
     }
+    const timedOut =
+      (this.#error?.value as { code?: unknown } | undefined)?.code === 'FST_ERR_HANDLER_TIMEOUT'
+    if (timedOut) {
+      // Fastify answers 503 while the handler (or a hook) still runs: its next statement
+      // fails with a timeout error, and its running one is cancelled with cancelOnAbort.
+      this.open.abort('timeout', { cancel: this.#options.cancelOnAbort, detail: 'handlerTimeout' })
+    }
     const response = isResponse(payload) ? payload : undefined
     let commit: boolean
     try {
       commit = this.#decide(response ? response.status : reply.statusCode)
     } catch (error) {
-      this.#finish(false).then(() => done(error as Error))
+      this.#finish(false).then(() => this.#deliver(done, error as Error))
       return
     }
     if (response?.body != null && response.status !== 204 && response.status !== 304) {
@@ -122,25 +137,50 @@ export class RequestScope {
         return
       }
     }
-    if (!commit && this.#handler === 'running') {
-      // The response is an error while the handler still runs (handlerTimeout, or a
-      // reply sent before the handler finished): let it go out now, and end the unit
-      // of work when the handler settles; never release under a running handler.
+    if (!commit && (timedOut || this.#handler === 'running')) {
+      // A rollback answered while the chain still runs (handlerTimeout, or a reply sent
+      // before the handler finished): the response goes out now, without waiting for the
+      // running statement; the unit of work ends when the handler settles, never under it.
       this.#deferred = true
-      const error = this.#error?.value as { code?: unknown } | undefined
-      if (error?.code === 'FST_ERR_HANDLER_TIMEOUT') {
-        this.open.abort('timeout', {
-          cancel: this.#options.cancelOnAbort,
-          detail: 'handlerTimeout',
-        })
-      }
+      if (this.#handler !== 'running') void this.#finishQuietly(false)
       done(null, payload)
       return
     }
-    this.#finish(commit).then((failure) => {
-      if (failure === undefined) done(null, payload)
-      else done(commitError(this.open.name, failure))
+    const status = reply.statusCode
+    const contentType = reply.getHeader('content-type')
+    this.#firstPass = this.#finish(commit).then((failure) => {
+      if (failure !== undefined) {
+        this.#deliver(done, commitError(this.open.name, failure))
+        return
+      }
+      // A racing error response (see the second pass) may have changed the shared reply
+      // meanwhile; this response goes out as it was decided.
+      if (reply.statusCode !== status) reply.code(status)
+      if (contentType !== undefined && reply.getHeader('content-type') === undefined) {
+        reply.header('content-type', contentType)
+      }
+      this.#deliver(done, null, payload)
     })
+  }
+
+  /**
+   * Hand the payload on after an await. Fastify writes the response inside `done`; if
+   * the chain answered on its own meanwhile (a hook that sent without `return reply`
+   * and let the handler run), that write throws, and must not become an unhandled rejection.
+   */
+  #deliver(
+    done: (error: Error | null, payload?: unknown) => void,
+    error: Error | null,
+    payload?: unknown,
+  ): void {
+    try {
+      done(error, payload)
+    } catch (writeError) {
+      this.#reply.log.error(
+        { err: writeError },
+        `[scoped] the response of ${this.open.name} was already written by another path`,
+      )
+    }
   }
 
   #onClose(): void {

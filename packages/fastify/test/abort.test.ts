@@ -311,4 +311,31 @@ describe('timeouts', () => {
     expect(h.releases() - released).toBe(1)
     expect(await rowsOf('handler-timeout-cancel')).toBe(0)
   })
+
+  it('handlerTimeout while a preHandler hook runs: 503, the hook’s next statement fails, rollback, one release', async () => {
+    const result = gate<Seen>()
+    const port = await server({}, {}, (app) => {
+      app.get('/slow-hook', {
+        handlerTimeout: 150,
+        preHandler: async () => {
+          await insert('hook-timeout')
+          result.open(await sleepThenInsert('hook-timeout', 0.4))
+        },
+        handler: async () => {
+          await insert('hook-timeout-handler')
+          return { ok: true }
+        },
+      })
+    })
+    const released = h.releases()
+    const res = await send(port, { path: '/slow-hook' }).response
+    expect(res.status).toBe(503)
+    const seen = await result.promise
+    expect(seen.next).toMatch(/which is closed|ran past its time limit/)
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    expect(await rowsOf('hook-timeout')).toBe(0)
+    expect(await rowsOf('hook-timeout-after')).toBe(0)
+    expect(await rowsOf('hook-timeout-handler')).toBe(0)
+  })
 })

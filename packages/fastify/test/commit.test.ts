@@ -114,6 +114,17 @@ beforeAll(async () => {
       return { unreachable: true }
     },
   })
+  // A hook that sends without `return reply`: Fastify runs the handler too, concurrently.
+  app.get('/hook-send-no-return', {
+    preHandler: async (_request, reply) => {
+      await insert('hook-send-no-return')
+      reply.send({ early: true })
+    },
+    handler: async () => {
+      await insert('hook-send-no-return-handler')
+      return { late: true }
+    },
+  })
   app.get('/error-handler', {
     errorHandler: async (error, request, reply) => {
       // The error handler runs inside the request's scope, on the same session.
@@ -189,6 +200,11 @@ describe('how each outcome ends: exactly one release, the right commit or rollba
     { path: '/sync-send', status: 200, kept: { 'sync-send': 1 } },
     { path: '/hook-error', status: 500, kept: { 'hook-error': 0, 'hook-error-handler': 0 } },
     { path: '/hook-reply', status: 401, kept: { 'hook-reply': 1, 'hook-reply-handler': 0 } },
+    {
+      path: '/hook-send-no-return',
+      status: 200,
+      kept: { 'hook-send-no-return': 1, 'hook-send-no-return-handler': 0 },
+    },
     { path: '/error-handler', status: 200, kept: { 'error-handler': 0, 'error-handler-log': 0 } },
     { path: '/onsend-error', status: 500, kept: { 'onsend-error': 1 } },
   ]
