@@ -154,7 +154,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       })
       const clients = this.#clients
       this.cancel = async (conn) => {
-        const client = clients.client(own(conn).pid)
+        const client = clients.client(pidOf(conn))
         if (client) await cancelClient(client)
       }
     }
@@ -168,18 +168,26 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   }
 
   /** Check a connection out of the dialect's pool (initialising the dialect's driver once). */
-  async acquire(signal: AbortSignal): Promise<DatabaseConnection> {
-    if (!this.#initDone) await this.#initialise()
-    signal.throwIfAborted()
-    const raw = await this.#driver.acquireConnection()
+  acquire(signal: AbortSignal): Promise<DatabaseConnection> {
+    if (!this.#initDone) return this.#initialise().then(() => this.acquire(signal))
+    if (signal.aborted) return Promise.reject(signal.reason)
+    // Plain promise chains on this path, not async functions: it runs once per unit of work.
+    const raw = this.#driver.acquireConnection()
+    return this.#clients
+      ? raw.then((r) => this.#identify(r))
+      : raw.then((r) => new SerialConnection(r))
+  }
+
+  /** PostgreSQL with a pool: link the connection to its pg client by backend pid. */
+  async #identify(raw: DatabaseConnection): Promise<SerialConnection> {
     const conn = new SerialConnection(raw)
-    if (this.#clients) {
-      try {
-        conn.pid = await this.#pidOf(raw)
-      } catch (e) {
-        await this.release(conn, { destroy: true, error: e })
-        throw e
-      }
+    conn.pid = this.#pids.get(raw)
+    if (conn.pid !== undefined) return conn
+    try {
+      conn.pid = await this.#pidOf(raw)
+    } catch (e) {
+      await this.release(conn, { destroy: true, error: e })
+      throw e
     }
     return conn
   }
@@ -190,18 +198,20 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
    * connection, so it is rolled back (a dead one is dropped by its pool) and
    * handed back to the dialect's pool. See the README's "Limits".
    */
-  async release(connection: DatabaseConnection, opts: ReleaseOptions): Promise<void> {
+  release(connection: DatabaseConnection, opts: ReleaseOptions): Promise<void> {
     const conn = own(connection)
-    if (!opts.destroy) {
-      await this.#driver.releaseConnection(conn.raw)
-      return
-    }
+    if (!conn) return foreign()
+    if (!opts.destroy) return this.#driver.releaseConnection(conn.raw)
     const client = this.#clients?.client(conn.pid)
     if (client) {
       destroyClient(client, opts.error)
-      return
+      return Promise.resolve()
     }
-    if (opts.error === undefined || !this.isFatal(conn, opts.error)) {
+    return this.#releaseUndestroyable(conn, opts.error)
+  }
+
+  async #releaseUndestroyable(conn: SerialConnection, error: unknown): Promise<void> {
+    if (error === undefined || !this.isFatal(conn, error)) {
       // The best a Kysely driver allows: leave no transaction open on it.
       await this.#driver.rollbackTransaction(conn.raw).catch(() => {})
     }
@@ -213,18 +223,30 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   }
 
   /** @internal BEGIN with Kysely's own settings (outside a scope, all of Kysely's levels apply). */
-  async beginTransaction(
-    connection: DatabaseConnection,
-    settings: TransactionSettings,
-  ): Promise<void> {
+  beginTransaction(connection: DatabaseConnection, settings: TransactionSettings): Promise<void> {
     const conn = own(connection)
-    await conn.run((raw) => this.#driver.beginTransaction(raw, settings))
-    conn.failed = false
+    if (!conn) return foreign()
+    conn.failed = false // a new transaction: nothing in it failed yet
+    return conn.run((raw) => this.#driver.beginTransaction(raw, settings))
   }
 
-  async commit(connection: DatabaseConnection): Promise<void> {
+  commit(connection: DatabaseConnection): Promise<void> {
     const conn = own(connection)
-    if (this.#postgres && conn.failed && (await this.#aborted(conn))) {
+    if (!conn) return foreign()
+    if (this.#postgres && conn.failed) return this.#commitAfterFailure(conn)
+    return conn.run((raw) => this.#driver.commitTransaction(raw))
+  }
+
+  /**
+   * PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK, and no
+   * error. A statement of this transaction failed: unless the application
+   * recovered (ROLLBACK TO SAVEPOINT), say so instead of reporting success.
+   */
+  async #commitAfterFailure(conn: SerialConnection): Promise<void> {
+    try {
+      await conn.run((raw) => raw.executeQuery(CompiledQuery.raw('select 1')))
+    } catch {
+      // 25P02 (in failed transaction), or the connection is gone: nothing can commit.
       await this.rollback(conn)
       throw new TransactionStateError(
         'COMMIT was not sent, the transaction was rolled back: a statement in it failed earlier and ' +
@@ -233,14 +255,14 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
           'db.transaction() (a savepoint) to recover from it.',
       )
     }
-    await conn.run((raw) => this.#driver.commitTransaction(raw))
     conn.failed = false
+    await conn.run((raw) => this.#driver.commitTransaction(raw))
   }
 
-  async rollback(connection: DatabaseConnection): Promise<void> {
+  rollback(connection: DatabaseConnection): Promise<void> {
     const conn = own(connection)
-    await conn.run((raw) => this.#driver.rollbackTransaction(raw))
-    conn.failed = false
+    if (!conn) return foreign()
+    return conn.run((raw) => this.#driver.rollbackTransaction(raw))
   }
 
   savepoint(
@@ -250,7 +272,9 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   ): Promise<void> {
     const driver = this.#driver
     if (!driver.savepoint) return Promise.reject(this.#noSavepoints('savepoint'))
-    return own(conn).run((raw) => driver.savepoint!(raw, name, compileQuery))
+    const serial = own(conn)
+    if (!serial) return foreign()
+    return serial.run((raw) => driver.savepoint!(raw, name, compileQuery))
   }
 
   async rollbackToSavepoint(
@@ -259,6 +283,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     compileQuery: QueryCompiler['compileQuery'] = this.#compile,
   ): Promise<void> {
     const conn = own(connection)
+    if (!conn) return foreign()
     const driver = this.#driver
     if (!driver.rollbackToSavepoint) throw this.#noSavepoints('rollbackToSavepoint')
     await conn.run((raw) => driver.rollbackToSavepoint!(raw, name, compileQuery))
@@ -272,13 +297,15 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   ): Promise<void> {
     const driver = this.#driver
     if (!driver.releaseSavepoint) return Promise.reject(this.#noSavepoints('releaseSavepoint'))
-    return own(conn).run((raw) => driver.releaseSavepoint!(raw, name, compileQuery))
+    const serial = own(conn)
+    if (!serial) return foreign()
+    return serial.run((raw) => driver.releaseSavepoint!(raw, name, compileQuery))
   }
 
   isFatal(conn: DatabaseConnection, error: unknown): boolean {
     if (this.#isFatal) return this.#isFatal(error, conn)
     if (!this.#postgres) return false
-    return this.#clients?.errorOf(own(conn).pid) !== undefined || isFatalPostgresError(error)
+    return this.#clients?.errorOf(pidOf(conn)) !== undefined || isFatalPostgresError(error)
   }
 
   isRetryable(error: unknown): boolean {
@@ -335,17 +362,6 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     return pid
   }
 
-  /** PostgreSQL only: is the transaction really aborted? (A caught error may have been rolled back to a savepoint by hand.) */
-  async #aborted(conn: SerialConnection): Promise<boolean> {
-    try {
-      await conn.run((raw) => raw.executeQuery(CompiledQuery.raw('select 1')))
-      conn.failed = false
-      return false
-    } catch {
-      return true // 25P02 (in failed transaction), or the connection is gone: nothing can commit
-    }
-  }
-
   #noSavepoints(call: string): Error {
     return new TransactionStateError(
       `${call}: the dialect's Kysely driver (${this.dialect.constructor?.name ?? 'unknown'}) has no ${call}(), ` +
@@ -354,12 +370,21 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   }
 }
 
-/** This driver's connection behind a DatabaseConnection the core hands back. */
-function own(conn: DatabaseConnection): SerialConnection {
-  if (conn instanceof SerialConnection) return conn
-  throw new TypeError(
-    'kyselyDriver: this connection was not checked out by a kyselyDriver. Fix: give the scope the ' +
-      'driver that made the connection.',
+/** This driver's connection behind a DatabaseConnection the core hands back; undefined if foreign. */
+function own(conn: DatabaseConnection): SerialConnection | undefined {
+  return conn instanceof SerialConnection ? conn : undefined
+}
+
+function pidOf(conn: DatabaseConnection): number | undefined {
+  return own(conn)?.pid
+}
+
+function foreign(): Promise<never> {
+  return Promise.reject(
+    new TypeError(
+      'kyselyDriver: this connection was not checked out by a kyselyDriver. Fix: give the scope the ' +
+        'driver that made the connection.',
+    ),
   )
 }
 

@@ -44,19 +44,23 @@ export class ScopedDriver implements Driver {
 
   async init(): Promise<void> {}
 
-  async acquireConnection(): Promise<DatabaseConnection> {
+  acquireConnection(): Promise<DatabaseConnection> {
     let session: ReturnType<Scope<DatabaseConnection>['getSession']>
     try {
       // Throws SessionClosedError when the scope of this code already ended.
       session = this.#scope.getSession()
     } catch (e) {
-      if (!(e instanceof NoActiveScopeError)) throw e
-      if (this.#outsideScope === 'pool') {
-        return new PoolConnection(this.#driver, await this.#driver.acquire(never))
-      }
-      throw new NoActiveScopeError(this.#scope.name, 'A query through scopedKysely()')
+      return this.#outside(e)
     }
-    return new SessionConnection(session, this.#driver)
+    return Promise.resolve(new SessionConnection(session, this.#driver))
+  }
+
+  async #outside(error: unknown): Promise<DatabaseConnection> {
+    if (!(error instanceof NoActiveScopeError)) throw error
+    if (this.#outsideScope === 'pool') {
+      return new PoolConnection(this.#driver, await this.#driver.acquire(never))
+    }
+    throw new NoActiveScopeError(this.#scope.name, 'A query through scopedKysely()')
   }
 
   beginTransaction(conn: DatabaseConnection, settings: TransactionSettings): Promise<void> {

@@ -11,7 +11,11 @@ import { TransactionStateError } from '@scoped/core'
 import type { CompiledQuery, DatabaseConnection, QueryResult } from 'kysely'
 import { isServerError } from './postgres.js'
 
-function settle(): void {}
+interface Waiting {
+  fn: (raw: DatabaseConnection) => Promise<unknown>
+  resolve: (value: unknown) => void
+  reject: (error: unknown) => void
+}
 
 export class SerialConnection implements DatabaseConnection {
   /** The dialect's own connection, as its Kysely driver handed it out. */
@@ -25,8 +29,10 @@ export class SerialConnection implements DatabaseConnection {
   /** The backend pid, when the driver learned it (PostgreSQL with a pool). */
   pid: number | undefined
 
-  #tail: Promise<void> | undefined
-  #queued = 0
+  /** A statement (or a stream) is running on the raw connection. */
+  #active = false
+  /** Statements waiting for it, in call order. */
+  #waiting: Waiting[] = []
   #streaming = false
 
   constructor(raw: DatabaseConnection) {
@@ -81,23 +87,43 @@ export class SerialConnection implements DatabaseConnection {
   }
 
   #enqueue<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
-    const tail = this.#tail
-    const run = tail ? tail.then(() => this.#call(fn)) : this.#call(fn)
-    this.#queued++
-    const settled = run.then(settle, settle).then(() => {
-      if (--this.#queued === 0) this.#tail = undefined
+    if (!this.#active) {
+      this.#active = true
+      return this.#start(fn)
+    }
+    return new Promise<T>((resolve, reject) => {
+      this.#waiting.push({ fn, resolve: resolve as (value: unknown) => void, reject })
     })
-    this.#tail = settled
-    return run
   }
 
-  async #call<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+  /** Run `fn` now; when it settles, start the next waiting statement. */
+  #start<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+    let running: Promise<T>
     try {
-      return await fn(this.raw)
+      running = fn(this.raw)
     } catch (e) {
-      if (isServerError(e)) this.failed = true
-      throw e
+      running = Promise.reject(e)
     }
+    return running.then(
+      (value) => {
+        this.#dequeue()
+        return value
+      },
+      (error) => {
+        if (isServerError(error)) this.failed = true
+        this.#dequeue()
+        throw error
+      },
+    )
+  }
+
+  #dequeue(): void {
+    const w = this.#waiting.shift()
+    if (!w) {
+      this.#active = false
+      return
+    }
+    this.#start(w.fn).then(w.resolve, w.reject)
   }
 
   #busy(): Error {

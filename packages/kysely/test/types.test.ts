@@ -97,10 +97,8 @@ describe('scopedKysely<DB>', () => {
   })
 
   it('takes a scope whose sessions hold Kysely connections', () => {
-    expectTypeOf(scopedKysely)
-      .parameter(0)
-      .toMatchTypeOf<{
-        getSession(): { use: (fn: (c: DatabaseConnection) => Promise<unknown>) => Promise<unknown> }
-      }>()
+    expectTypeOf(scopedKysely).parameter(0).toMatchTypeOf<{
+      getSession(): { use: (fn: (c: DatabaseConnection) => Promise<unknown>) => Promise<unknown> }
+    }>()
   })
 })
