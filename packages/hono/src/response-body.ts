@@ -69,8 +69,18 @@ function isFixed(body: unknown): boolean {
   )
 }
 
+/** `waiting`, after a few microtask hops: bodies already in memory are read by then. */
+function hops(): Promise<typeof waiting> {
+  return Promise.resolve()
+    .then(() => undefined)
+    .then(() => waiting)
+}
+
 /** Resolve with `p`, or with `waiting` if it needs more than the current turn of the event loop. */
-function soon<T>(p: Promise<T>): Promise<T | typeof waiting> {
+async function soon<T>(p: Promise<T>): Promise<T | typeof waiting> {
+  // Most bodies resolve within microtasks; only the rest pay for a macrotask turn.
+  const quick = await Promise.race([p, hops()])
+  if (quick !== waiting) return quick
   return new Promise((resolve, reject) => {
     const t = setImmediate(() => resolve(waiting))
     p.then(
