@@ -86,7 +86,8 @@ export class Session<C = unknown> {
   #running = 0
   #drained: (() => void) | undefined
   #heldSince = 0
-  #acquireStack: string | undefined
+  /** Captured at checkout; V8 formats `.stack` only when read, so holding the Error is cheap. */
+  #acquireSite: Error | undefined
   /** A connection-level error seen on this connection: it will be destroyed. */
   #broken: unknown
   /** COMMIT/ROLLBACK failed: the transaction state is unknown, destroy on release. */
@@ -96,7 +97,7 @@ export class Session<C = unknown> {
   #outcome: SessionOutcome | undefined
   #closedHow = ''
   #forced = false
-  #closedAt: string | undefined
+  #closedAt: Error | undefined
   /** For the `scoped:close` event's duration. */
   #createdAt = performance.now()
 
@@ -287,14 +288,15 @@ export class Session<C = unknown> {
   /** @internal A holder row for `scope.holders()`, or undefined when no connection is held. */
   holder(now: number): Holder | undefined {
     if (this.#conn === undefined || this.#phase === 'closed') return undefined
-    const stack = userFrames(this.#acquireStack)
+    const raw = this.#acquireSite?.stack
+    const stack = userFrames(raw)
     return {
       id: this.id,
       name: this.name,
       ...(this.requestId !== undefined && { requestId: this.requestId }),
       heldMs: Math.round(now - this.#heldSince),
       state: this.#running > 0 ? 'querying' : this.#tx.length > 0 ? 'in-transaction' : 'idle',
-      ...(stack !== undefined && { site: callSite(this.#acquireStack), stack }),
+      ...(stack !== undefined && { site: callSite(raw), stack }),
     }
   }
 
@@ -362,7 +364,7 @@ export class Session<C = unknown> {
     if (this.#conn !== undefined) return Promise.resolve()
     // Captured synchronously, while the caller's frames are still on the stack.
     if (this.#core.options.captureStacks && !this.#acquiring) {
-      this.#acquireStack = new Error('acquired here').stack
+      this.#acquireSite = new Error('acquired here')
     }
     this.#acquiring ??= this.#acquire().finally(() => {
       this.#acquiring = undefined
@@ -710,7 +712,7 @@ export class Session<C = unknown> {
   }
 
   #noteClosedAt(): void {
-    if (this.#core.options.captureStacks) this.#closedAt = userFrames(new Error().stack)
+    if (this.#core.options.captureStacks) this.#closedAt = new Error('closed here')
   }
 
   #hook(kind: 'afterCommit' | 'afterRollback', fn: Hook): void {
@@ -748,7 +750,7 @@ export class Session<C = unknown> {
 
   #closedError(call: string): Error {
     const how = this.#closedHow || `it is closing (its ${this.#frame.kind} ended)`
-    return new SessionClosedError(this, call, how, this.#closedAt)
+    return new SessionClosedError(this, call, how, userFrames(this.#closedAt?.stack))
   }
 }
 

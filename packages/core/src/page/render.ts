@@ -55,7 +55,9 @@ function chart(snap: PageSnapshot): string {
   const plotW = W - LEFT - 4
   const plotH = H - TOP - BOTTOM
   const limit = samples.reduce((m, s) => Math.max(m, s.max ?? 0, s.used + s.waiting), 1)
-  const x = (t: number) => (LEFT + ((t - (at - windowMs)) / windowMs) * plotW).toFixed(1)
+  // A sample a little older than the window (timers run late under load) is drawn at its left edge.
+  const x = (t: number) =>
+    (LEFT + Math.max(0, Math.min(1, (t - (at - windowMs)) / windowMs)) * plotW).toFixed(1)
   const y = (v: number) => (TOP + plotH - (v / limit) * plotH).toFixed(1)
   const base = y(0)
   let shapes = ''
