@@ -94,6 +94,21 @@ beforeAll(async () => {
     }),
   )
 
+  // Hono catches a stream() callback's error and ends the body normally.
+  app.get('/stream-throws/:mode/:id', (c) =>
+    stream(
+      c,
+      async (s) => {
+        await insert(c.req.param('id'))
+        await s.write('partial')
+        throw new Error('failed mid-stream')
+      },
+      async () => {
+        if (c.req.param('mode') === 'rollback') d.scope.getSession().setRollbackOnly()
+      },
+    ),
+  )
+
   // The client leaves before the handler returns its stream.
   app.get('/late-stream/:id', async (c) => {
     const session = d.scope.getSession()
@@ -258,6 +273,18 @@ describe('stream()', () => {
     t.stop()
     expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
     expect(t.releasesOf(id)).toBe(1)
+    expect(d.pool.totalCount).toBe(d.pool.idleCount)
+  })
+
+  it('an error in a stream() callback: Hono ends the body normally, so it commits unless onError says setRollbackOnly()', async () => {
+    const kept = await fetch(`${server.url}/stream-throws/commit/stream-throws-kept`)
+    expect(await kept.text()).toBe('partial')
+    const undone = await fetch(`${server.url}/stream-throws/rollback/stream-throws-undone`)
+    expect(await undone.text()).toBe('partial')
+    await settled(d)
+    expect(await rowIds(d.url, "SELECT id FROM items WHERE id LIKE 'stream-throws-%'")).toEqual([
+      'stream-throws-kept',
+    ])
     expect(d.pool.totalCount).toBe(d.pool.idleCount)
   })
 
