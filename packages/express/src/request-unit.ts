@@ -63,7 +63,9 @@ export class RequestUnit implements TracedUnit {
     this.#req = req
     this.#res = res
     this.#options = options
-    const name = new RequestName(req, options.name)
+    const name = new RequestName(req, options.name, (e) =>
+      this.#report(e, 'scopedSession({ name })'),
+    )
     const requestId = requestIdOf(req)
     this.open = scope.open({
       name: name.provisional,
@@ -228,11 +230,7 @@ export class RequestUnit implements TracedUnit {
   }
 
   #name(): string {
-    try {
-      return this.open.existingSession?.name ?? this.open.name
-    } catch {
-      return `${this.#req.method} ${this.#req.originalUrl}`
-    }
+    return this.open.existingSession?.name ?? this.open.name
   }
 
   #report(error: unknown, during: string): void {

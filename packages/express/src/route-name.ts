@@ -28,18 +28,28 @@ export function routeName(req: Request): string | undefined {
 
 /**
  * The name of one request's scope, resolved lazily (see above). `custom` is
- * the user's `name(req)`; its result is checked, and a bad one is a TypeError
- * naming the option, thrown from the `getSession()` that asked.
+ * the user's `name(req)`. Core code reads the name too (an abort's error
+ * message is built from it, inside a socket listener), so reading it never
+ * throws: a `name(req)` that throws or returns no usable string is reported
+ * once through `onError` as a TypeError naming the option, and the default
+ * name is used instead.
  */
 export class RequestName {
   #req: Request
   #custom: ((req: Request) => string) | undefined
+  #onError: (error: unknown) => void
   #fallback: string
   #resolved: string | undefined
+  #failed = false
 
-  constructor(req: Request, custom: ((req: Request) => string) | undefined) {
+  constructor(
+    req: Request,
+    custom: ((req: Request) => string) | undefined,
+    onError: (error: unknown) => void,
+  ) {
     this.#req = req
     this.#custom = custom
+    this.#onError = onError
     this.#fallback = `${req.method} ${req.baseUrl ?? ''}/*`
   }
 
@@ -52,18 +62,31 @@ export class RequestName {
     if (this.#resolved !== undefined) return this.#resolved
     const req = this.#req
     const routed = (req as { route?: unknown }).route !== undefined
+    const name = (this.#custom && this.#ask(this.#custom)) ?? routeName(req) ?? this.#fallback
+    if (routed) this.#resolved = name
+    return name
+  }
+
+  #ask(custom: (req: Request) => string): string | undefined {
+    if (this.#failed) return undefined
     let name: unknown
-    if (this.#custom) {
-      name = this.#custom(req)
+    let error: unknown
+    try {
+      name = custom(this.#req)
       if (typeof name !== 'string' || name === '') {
-        throw new TypeError(
-          `scopedSession(scope, { name }): name(req) must return a non-empty string, got ${describe(name)}`,
+        error = new TypeError(
+          `scopedSession(scope, { name }): name(req) must return a non-empty string, got ${describe(name)}; the default name is used instead`,
         )
       }
-    } else {
-      name = routeName(req) ?? this.#fallback
+    } catch (e) {
+      error = new TypeError(
+        `scopedSession(scope, { name }): name(req) threw; the default name is used instead`,
+        { cause: e },
+      )
     }
-    if (routed) this.#resolved = name as string
-    return name as string
+    if (error === undefined) return name as string
+    this.#failed = true
+    this.#onError(error)
+    return undefined
   }
 }

@@ -280,34 +280,43 @@ describe('the session name', () => {
     await settled(d)
   })
 
-  it('comes from name(req) when given; a bad result is a TypeError naming the option', async () => {
+  it('comes from name(req) when given; a bad result is reported as a TypeError naming the option', async () => {
+    const reported: { during: string; error: unknown }[] = []
+    const own = makeDb(url, 'express_session_names', {
+      onError: (error, { during }) => reported.push({ during, error }),
+    })
     const app = express()
-    app.get(
-      '/bad',
-      scopedSession(d.scope, { name: () => '' as string }),
-      (_req: Request, res: Response) => {
-        res.json({ name: d.scope.getSession().name })
-      },
-      errorsAsJson,
+    app.get('/bad', scopedSession(own.scope, { name: () => '' }), async (_req, res) => {
+      await own.db.query('SELECT 1')
+      res.json({ name: own.scope.getSession().name })
+    })
+    app.use(
+      scopedSession(own.scope, { name: (req) => `tenant-a ${req.method} ${req.route?.path}` }),
     )
-    app.use(scopedSession(d.scope, { name: (req) => `tenant-a ${req.method} ${req.route?.path}` }))
     app.get('/custom/:id', (_req, res) => {
-      res.json({ name: d.scope.getSession().name })
+      res.json({ name: own.scope.getSession().name })
     })
     const srv = await listen(app)
     try {
       expect(await (await fetch(`${srv.url}/custom/1`)).json()).toEqual({
         name: 'tenant-a GET /custom/:id',
       })
+      expect(reported).toEqual([])
+      // The request goes on under the default name; the mistake is reported, once.
       const bad = await fetch(`${srv.url}/bad`)
-      expect(bad.status).toBe(500)
-      const body = (await bad.json()) as { name: string; message: string }
-      expect(body.name).toBe('TypeError')
-      expect(body.message).toContain('scopedSession(scope, { name })')
+      expect(bad.status).toBe(200)
+      expect(await bad.json()).toEqual({ name: 'GET /bad' })
+      expect(reported).toHaveLength(1)
+      expect(reported[0]!.during).toBe('scopedSession({ name })')
+      expect(reported[0]!.error).toBeInstanceOf(TypeError)
+      expect((reported[0]!.error as Error).message).toBe(
+        'scopedSession(scope, { name }): name(req) must return a non-empty string, got ""; the default name is used instead',
+      )
+      await settled(own)
     } finally {
       await srv.close()
+      await own.close()
     }
-    await settled(d)
   })
 })
 
