@@ -354,6 +354,42 @@ describe('timeouts', () => {
     await expectCleanRollback(id, t)
   })
 
+  it('timeout() mounted before scopedSession(): the 504 goes out, the connection stays with the handler until it settles, then rolls back', async () => {
+    const app = new Hono()
+    quietErrors(app)
+    app.use(timeout(100), scopedSession(d.scope))
+    const entered = deferred()
+    const gate = deferred()
+    const done = deferred()
+    app.get('/outer/:id', async (c) => {
+      await d.db.query('INSERT INTO items (id) VALUES ($1)', [c.req.param('id')])
+      entered.resolve()
+      await gate.promise
+      done.resolve()
+      return c.text('finished late')
+    })
+    const outer = await listen(app)
+    try {
+      const id = 'timeout-outside'
+      const t = tally(d.scope.name)
+      const res = await fetch(`${outer.url}/outer/${id}`)
+      expect(res.status).toBe(504)
+      await entered.promise
+      expect(t.releases).toHaveLength(0)
+      expect(d.scope.stats().holding).toBe(1)
+      gate.resolve()
+      await done.promise
+      await settled(d)
+      t.stop()
+      expect(t.releases).toHaveLength(1)
+      expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
+      expect(d.pool.totalCount).toBe(d.pool.idleCount)
+    } finally {
+      gate.resolve()
+      await outer.close()
+    }
+  })
+
   it("node's server.requestTimeout on a stalled upload: the body read fails, rollback, one release", async () => {
     const app = new Hono()
     quietErrors(app)
