@@ -16,6 +16,19 @@ export interface CommitOutcome {
   error: unknown
 }
 
+/**
+ * Options of `app.register(scopedSession, options)`; all optional.
+ *
+ * @example
+ * ```ts
+ * await app.register(scopedSession, {
+ *   scope,                                                   // default: the default scope
+ *   name: (request) => `api ${request.routeOptions.url}`,    // default: 'GET /orders/:id'
+ *   commitOn: ({ status, error }) => !error && status < 400, // default: !error && status < 500
+ *   cancelOnAbort: true,                                     // default: false
+ * })
+ * ```
+ */
 export interface ScopedSessionOptions {
   /** The scope whose sessions the requests get. Default: the default scope (`createScope({ driver })`). */
   scope?: Scope<any>
@@ -53,7 +66,17 @@ export interface ResolvedOptions {
   readonly decorate: boolean
 }
 
-/** Nothing thrown and not a server error: the default of every adapter. */
+/**
+ * The default `commitOn`: nothing thrown and not a server error. Compose with it:
+ *
+ * @example
+ * ```ts
+ * await app.register(scopedSession, {
+ *   // also commit when a handler throws a 409 it means as an answer
+ *   commitOn: (o) => (o.error as { statusCode?: number })?.statusCode === 409 || defaultCommitOn(o),
+ * })
+ * ```
+ */
 export function defaultCommitOn({ status, error }: CommitOutcome): boolean {
   return error === undefined && status < 500
 }

@@ -186,8 +186,9 @@ export class RequestScope {
   #onClose(): void {
     this.#closed = true
     const res = this.#reply.raw
-    if (!res.writableFinished) {
-      // The response did not complete: the client went away, or a timeout cut it off.
+    if (!res.writableEnded) {
+      // The response was not ended: the client went away, or a timeout cut it off. (Ended
+      // but not flushed means the app finished its response; that is not an abort.)
       const timeout = this.#timedOut || isRequestTimeout(this.#reply)
       this.open.abort(timeout ? 'timeout' : 'client-abort', {
         cancel: this.#options.cancelOnAbort,
@@ -204,7 +205,7 @@ export class RequestScope {
    */
   #afterClose(): boolean {
     const res = this.#reply.raw
-    if (this.#deferred || this.#responded || !this.#closed || !res.writableFinished) return false
+    if (this.#deferred || this.#responded || !this.#closed || !res.writableEnded) return false
     try {
       return this.#decide(res.statusCode)
     } catch (error) {
