@@ -70,7 +70,7 @@ export class RequestLifecycle<C> {
     this.#chainDone = true
   }
 
-  /** The client went away (or the socket was destroyed) before the response was sent. */
+  /** The unit of work was aborted: the client went away (or its socket was destroyed), or a timeout. */
   get aborted(): boolean {
     return this.#aborted
   }

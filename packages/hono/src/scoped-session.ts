@@ -117,7 +117,8 @@ export function scopedSession<C = unknown>(
     try {
       await open.enter(next)
     } catch (e) {
-      // Only non-Error values get here: Hono hands Errors to app.onError and sets c.error.
+      // Non-Error values get here (and what app.onError rethrows): Hono hands
+      // Errors to app.onError and sets c.error instead of rejecting next().
       threw = true
       thrown = e
     }
