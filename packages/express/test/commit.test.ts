@@ -2,6 +2,8 @@
  * When the unit of work commits, and that the client never sees a response
  * whose COMMIT did not happen: rows checked from an independent connection.
  */
+import { stat } from 'node:fs/promises'
+import { fileURLToPath } from 'node:url'
 import { scopedSession } from '@scoped/express'
 import express, { type NextFunction, type Request, type Response } from 'express'
 import pg from 'pg'
@@ -365,6 +367,27 @@ describe('a body written after the handler returned (res.write)', () => {
       count.stop()
       await srv.close()
     }
+  })
+
+  it('res.sendFile() (a piped file with a Content-Length) commits before its last bytes go out', async () => {
+    const file = fileURLToPath(import.meta.url) // any file: this one
+    const size = (await stat(file)).size
+    const app = express()
+    app.use(scopedSession(d.scope))
+    app.get('/file/:id', async (req, res, next) => {
+      await insert(req.params.id as string)
+      res.sendFile(file, (err) => err && next(err))
+    })
+    const srv = await listen(app)
+    try {
+      const res = await fetch(`${srv.url}/file/sent-file`)
+      expect(res.status).toBe(200)
+      expect((await res.arrayBuffer()).byteLength).toBe(size)
+      expect(await exists('items', 'sent-file')).toBe(true)
+    } finally {
+      await srv.close()
+    }
+    await settled(d)
   })
 
   it('a failed COMMIT at the end of a chunked body cuts the response off', async () => {

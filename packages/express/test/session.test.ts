@@ -9,7 +9,7 @@ import { pgDriver } from '@scoped/pg'
 import express, { type NextFunction, type Request, type Response } from 'express'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { testDatabase } from '../../../test/support/db.ts'
+import { independentQuery, testDatabase } from '../../../test/support/db.ts'
 import { type Db, latch, listen, makeDb, openTransactions, releases, settled } from './support.ts'
 
 let url: string
@@ -345,6 +345,32 @@ describe('mounting', () => {
     } finally {
       count.stop()
       await srv.close()
+    }
+  })
+
+  it('two scopes mounted together each give the request its own session, both committed', async () => {
+    const other = makeDb(url, 'express_session_other')
+    await independentQuery(url, 'CREATE TABLE IF NOT EXISTS two (db text, id text)')
+    const app = express()
+    app.use(scopedSession(d.scope))
+    app.use(scopedSession(other.scope))
+    app.post('/two/:id', async (req, res) => {
+      await d.db.query(`INSERT INTO two VALUES ('main', $1)`, [req.params.id])
+      await other.db.query(`INSERT INTO two VALUES ('other', $1)`, [req.params.id])
+      res.json({ distinct: d.scope.getSession().id !== other.scope.getSession().id })
+    })
+    const srv = await listen(app)
+    try {
+      expect(await (await fetch(`${srv.url}/two/t1`, { method: 'POST' })).json()).toEqual({
+        distinct: true,
+      })
+      const rows = await independentQuery(url, `SELECT db FROM two WHERE id = 't1' ORDER BY db`)
+      expect(rows).toEqual([{ db: 'main' }, { db: 'other' }])
+      await settled(d)
+      await settled(other)
+    } finally {
+      await srv.close()
+      await other.close()
     }
   })
 
