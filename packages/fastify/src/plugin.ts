@@ -107,6 +107,8 @@ function scopedSessionPlugin(
   }
 
   fastify.addHook('onRoute', (route: RouteOptions) => {
+    // A handler that is not a function is left to Fastify, which rejects it at boot.
+    if (typeof route.handler !== 'function') return
     route.handler = trackHandler(route.handler)
     route.config = { ...route.config, [kTracked]: true }
   })
