@@ -230,7 +230,9 @@ export class OpenScope<C> {
    * for `end()`, after the handler settled.
    */
   abort(kind: AbortKind, opts: { detail?: string; cancel?: boolean } = {}): void {
-    if (this.aborted || this.#ended) return
+    // Once end() has begun, the outcome is being decided: an abort now (the client leaving
+    // during COMMIT) must not turn a unit of work that commits into a reported rollback.
+    if (this.aborted || this.#ended || this.#ending) return
     this.aborted = new ScopeAbortedError(this.name, kind, opts.detail)
     this.#controller?.abort(this.aborted)
     for (const fn of this.onAbort) fn()

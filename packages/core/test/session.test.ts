@@ -469,6 +469,17 @@ describe('abort', () => {
     expect(driver.checkedOut).toBe(0)
   })
 
+  it('an abort that arrives while end() is committing does not turn the commit into a failure', async () => {
+    const { driver, scope } = make()
+    driver.delay('commit', 20)
+    const open = scope.open({ name: 'POST /x', kind: 'request' })
+    await open.enter(() => q(scope, driver, 'A'))
+    const ending = open.end({ commit: true })
+    open.abort('client-abort')
+    await expect(ending).resolves.toBe('committed')
+    expect(driver.conns[0]!.log).toEqual(['BEGIN', 'A', 'COMMIT'])
+  })
+
   it('runJob timeoutMs aborts the job, rolls it back, and rejects with the timeout', async () => {
     const { driver, scope } = make()
     const err = await scope
