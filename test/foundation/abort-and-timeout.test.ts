@@ -56,7 +56,9 @@ describe('aborts and timeouts', () => {
         { name: 'slow-report', timeoutMs: 150 },
       )
       .catch((e) => e)
-    expect(err).toMatchObject({ code: '57014' }) // canceled on the server
+    // The job says it timed out; the statement it was running was cancelled on the server.
+    expect(err).toMatchObject({ code: 'SCOPE_ABORTED', kind: 'timeout', cause: { code: '57014' } })
+    expect(err.message).toMatch(/'job:slow-report' was aborted because it ran past its time limit/)
     expect(await stateOf(pid)).toBe('idle') // the backend is free again, not running on
     expect(await committedRows(url, "SELECT v FROM writes WHERE v = 'timed out'")).toEqual([])
     expect(scope.stats().totals.destroyed).toBe(0)

@@ -112,7 +112,7 @@ export type AbortKind = 'client-abort' | 'timeout' | 'signal' | 'shutdown'
 /** The request or job was aborted (client went away, timeout, signal); its unit of work rolls back. */
 export class ScopeAbortedError extends ScopedError {
   readonly kind: AbortKind
-  constructor(sessionName: string, kind: AbortKind, detail?: string) {
+  constructor(sessionName: string, kind: AbortKind, detail?: string, options?: { cause?: unknown }) {
     const why: Record<AbortKind, string> = {
       'client-abort': 'the client closed the connection',
       timeout: 'it ran past its time limit',
@@ -124,6 +124,7 @@ export class ScopeAbortedError extends ScopedError {
       `Session '${sessionName}' was aborted because ${why[kind]}${detail ? ` (${detail})` : ''}; ` +
         'its unit of work will be rolled back and it runs no more statements. ' +
         'Fix: stop work when session.signal aborts.',
+      options,
     )
     this.kind = kind
   }

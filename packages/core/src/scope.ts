@@ -459,6 +459,14 @@ export class ScopeImpl<C> implements Scope<C> {
     )
     try {
       return await this.#runIn(open, fn)
+    } catch (e) {
+      // The job's own failure after its timeout (usually the cancelled statement) is a
+      // consequence: say that it timed out, and keep what it threw as the cause.
+      const aborted = open.aborted
+      if (aborted?.kind === 'timeout' && e !== aborted) {
+        throw new ScopeAbortedError(name, 'timeout', `timeoutMs: ${timeoutMs}`, { cause: e })
+      }
+      throw e
     } finally {
       clearTimeout(timer)
     }
