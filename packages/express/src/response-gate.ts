@@ -87,11 +87,6 @@ export class ResponseGate {
     } as ServerResponse['write']
   }
 
-  /** True while the end is held. */
-  get holding(): boolean {
-    return this.#state === 'holding'
-  }
-
   /** True once `res.end()` was called (held or let through). */
   get endCalled(): boolean {
     return this.#state !== 'open'
