@@ -11,10 +11,11 @@ export interface CommitOutcome {
   /** The status of the response the chain produced (after `app.onError`, if it ran). */
   status: number
   /**
-   * What was thrown in the chain. Always `undefined` when `commitOn` is asked:
-   * a thrown error (an `Error` handled by `app.onError`, or any other value)
-   * rolls back without asking. The field is here so one `commitOn` function
-   * fits every `@scoped/*` adapter.
+   * The `Error` thrown in the chain and answered by `app.onError`, or
+   * `undefined`. The default rolls back whenever it is set; a custom
+   * `commitOn` may commit anyway (e.g. a thrown 409 that is an answer, not a
+   * failure). A thrown non-`Error` value, a timeout and a client abort always
+   * roll back without asking: there is no response to judge.
    */
   error: unknown
 }
@@ -27,9 +28,9 @@ export interface ScopedSessionOptions {
    */
   name?: (c: Context) => string
   /**
-   * Commit the unit of work for this outcome? Asked only when nothing was
-   * thrown. Default: `status < 500` (so a returned 404 commits, a returned 500
-   * rolls back).
+   * Commit the unit of work for this outcome? Default: nothing was thrown and
+   * `status < 500` (so a returned 404 commits; a returned 500 or a thrown error
+   * rolls back). Same contract in every `@scoped/*` adapter.
    *
    * @example
    * ```ts
@@ -62,7 +63,9 @@ function describe(v: unknown): string {
   return v === null ? 'null' : typeof v
 }
 
-const defaultCommitOn = ({ status }: CommitOutcome): boolean => status < 500
+/** The default `commitOn`: nothing thrown and not a server error. Compose with it. */
+export const defaultCommitOn = ({ status, error }: CommitOutcome): boolean =>
+  error === undefined && status < 500
 
 /** @internal Check every option and fill in the defaults. */
 export function resolveSessionOptions(options: unknown): ResolvedSessionOptions {

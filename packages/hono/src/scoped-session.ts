@@ -129,7 +129,19 @@ export function scopedSession<C = unknown>(
       await life.rollback()
       throw thrown
     }
-    if (handled !== undefined) {
+    let commitHandled = false
+    if (handled !== undefined && !isTimeout(handled)) {
+      // An Error that app.onError turned into a response: the default commitOn rolls it
+      // back; a custom one sees the error and may keep the work (e.g. a thrown 409 that
+      // is an answer, not a failure).
+      try {
+        commitHandled = opts.commitOn({ status: c.res.status, error: handled }) === true
+      } catch (e) {
+        await life.rollback()
+        throw e
+      }
+    }
+    if (handled !== undefined && !commitHandled) {
       // A timeout middleware answered while the handler still runs: stop its statement.
       if (isTimeout(handled)) life.abort('timeout', true)
       const answer = c.res
@@ -149,7 +161,7 @@ export function scopedSession<C = unknown>(
 
     let commit: boolean
     try {
-      commit = opts.commitOn({ status: c.res.status, error: undefined }) === true
+      commit = commitHandled || opts.commitOn({ status: c.res.status, error: undefined }) === true
     } catch (e) {
       await life.rollback()
       throw e

@@ -7,7 +7,7 @@ import { Hono } from 'hono'
 import { HTTPException } from 'hono/http-exception'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { scopedSession } from '../src/index.ts'
+import { defaultCommitOn, scopedSession } from '../src/index.ts'
 import { type Db, database, listen, type Running, rowIds, settled, tally } from './support.ts'
 
 let d: Db
@@ -183,10 +183,10 @@ describe('every outcome ends in exactly one release', () => {
 })
 
 describe('commitOn', () => {
-  it('decides for responses nothing was thrown for; thrown errors still roll back', async () => {
+  it('decides for every response; the default and a commitOn that checks error roll thrown errors back', async () => {
     const app = new Hono()
     testIds(app)
-    app.use(scopedSession(d.scope, { commitOn: ({ status }) => status < 400 }))
+    app.use(scopedSession(d.scope, { commitOn: ({ status, error }) => !error && status < 400 }))
     app.post('/:status/:id', async (c) => {
       await d.db.query('INSERT INTO items (id) VALUES ($1)', [c.req.param('id')])
       if (c.req.header('x-throw')) throw new HTTPException(201, { message: 'thrown' })
@@ -210,6 +210,33 @@ describe('commitOn', () => {
       expect(d.pool.totalCount).toBe(d.pool.idleCount)
     } finally {
       await strict.close()
+    }
+  })
+
+  it('a commitOn that accepts a thrown error keeps the work (a thrown 409 that is an answer)', async () => {
+    const app = new Hono()
+    testIds(app)
+    app.use(
+      scopedSession(d.scope, {
+        commitOn: (o) =>
+          (o.error as HTTPException | undefined)?.status === 409 || defaultCommitOn(o),
+      }),
+    )
+    app.post('/:id/:status', async (c) => {
+      await d.db.query('INSERT INTO items (id) VALUES ($1)', [c.req.param('id')])
+      throw new HTTPException(Number(c.req.param('status')) as 409, { message: 'thrown' })
+    })
+    const s = await listen(app)
+    try {
+      expect((await fetch(`${s.url}/kept-409/409`, { method: 'POST' })).status).toBe(409)
+      expect((await fetch(`${s.url}/gone-400/400`, { method: 'POST' })).status).toBe(400)
+      await settled(d)
+      expect(
+        await rowIds(d.url, "SELECT id FROM items WHERE id IN ('kept-409', 'gone-400')"),
+      ).toEqual(['kept-409'])
+      expect(d.pool.totalCount).toBe(d.pool.idleCount)
+    } finally {
+      await s.close()
     }
   })
 })
