@@ -56,7 +56,6 @@ export class RequestUnit implements TracedUnit {
   /** The response will not be ended by a handler any more (or was let through): end when settled. */
   #endWhenSettled = false
   #ending: Promise<unknown> | undefined
-  #endingCommit = false
 
   constructor(scope: Scope<unknown>, req: Request, res: Response, options: ResolvedSessionOptions) {
     this.scope = scope
@@ -96,7 +95,10 @@ export class RequestUnit implements TracedUnit {
     const socket = req.socket as Socket | undefined
     if (socket) {
       this.#socket = socket
-      socket.on('timeout', this.#onSocketTimeout)
+      // First in line: the unit of work is aborted before a res.setTimeout() callback
+      // answers (say, 503), so that answer goes out at once and, with cancelOnAbort,
+      // the slow statement is cancelled instead of holding the ROLLBACK back.
+      socket.prependListener('timeout', this.#onSocketTimeout)
       socket.on('error', this.#onSocketError)
     }
     const closedAlready = res.closed
@@ -193,9 +195,9 @@ export class RequestUnit implements TracedUnit {
   // ── ending ─────────────────────────────────────────────────────────────
 
   #abort(kind: 'client-abort' | 'timeout'): void {
-    // A COMMIT under way decides the outcome: an abort now would only make end()
-    // report a commit that did happen as failed.
-    if (this.#ending !== undefined && this.#endingCommit) return
+    // Once end() began, its outcome stands (the core ignores a later abort too): an
+    // abort during COMMIT would only report a commit that did happen as failed.
+    if (this.#ending !== undefined) return
     this.#aborted = true
     this.open.abort(kind, {
       cancel: this.#options.cancelOnAbort,
@@ -210,7 +212,6 @@ export class RequestUnit implements TracedUnit {
   /** End the unit of work, once. The first call decides COMMIT or ROLLBACK. */
   #end(commit: boolean): Promise<unknown> {
     if (this.#ending === undefined) {
-      this.#endingCommit = commit
       this.#inflight.clear()
       detach(this.#req, this)
       const ending = this.open.end({ commit })

@@ -231,11 +231,12 @@ describe('a client that aborts during a large request-body upload', () => {
 
 describe('timeouts', () => {
   /** An app whose handler writes, reports its session's abort reason, and outlives `res.setTimeout`. */
-  function timedApp(onTimeout?: (res: express.Response) => void) {
+  function timedApp(onTimeout?: (res: express.Response) => void, cancelOnAbort = false) {
     const app: Express = express()
-    app.use(scopedSession(d.scope))
+    app.use(scopedSession(d.scope, { cancelOnAbort }))
     const reasons: string[] = []
     const nextErrors: string[] = []
+    const sleeps: string[] = []
     const finished = latch()
     app.get('/timed/:id', async (req, res) => {
       const session = d.scope.getSession()
@@ -245,7 +246,12 @@ describe('timeouts', () => {
       await insert(req.params.id as string)
       if (onTimeout) res.setTimeout(100, () => onTimeout(res))
       else res.setTimeout(100)
-      await d.db.query('SELECT pg_sleep(0.4)')
+      try {
+        await d.db.query(`SELECT pg_sleep(${cancelOnAbort ? 30 : 0.4})`)
+        sleeps.push('finished')
+      } catch (e) {
+        sleeps.push(`failed ${(e as { code?: string }).code}`)
+      }
       try {
         await d.db.query('SELECT 1')
       } catch (e) {
@@ -254,7 +260,7 @@ describe('timeouts', () => {
       finished.resolve()
       if (!res.headersSent) res.send('too late')
     })
-    return { app, reasons, nextErrors, finished }
+    return { app, reasons, nextErrors, sleeps, finished }
   }
 
   it('res.setTimeout() without a callback: the socket is destroyed, the unit of work rolls back', async () => {
@@ -279,25 +285,36 @@ describe('timeouts', () => {
     }
   })
 
-  it('res.setTimeout() answering 503: the client gets the 503 at once, the unit of work rolls back', async () => {
-    const count = releases(d.scope.name)
-    const { app, reasons, finished } = timedApp((res) => {
-      res.status(503).send('timed out')
-    })
-    const srv = await listen(app)
-    try {
-      const r = await rawRequest(srv.url, '/timed/timeout-2')
-      expect(r).toMatchObject({ status: 503, body: 'timed out', ended: 'complete' })
-      await finished.promise
-      await settled(d)
-      expect(reasons).toHaveLength(1)
-      expect(count.count).toBe(1)
-      expect(await exists('timeout-2')).toBe(false)
-    } finally {
-      count.stop()
-      await srv.close()
-    }
-  })
+  it.each([
+    { cancelOnAbort: false, sleep: 'finished' },
+    { cancelOnAbort: true, sleep: 'failed 57014' },
+  ])(
+    'res.setTimeout() answering 503 (cancelOnAbort: $cancelOnAbort): the 503 goes out at once, the unit of work is aborted and rolls back',
+    async ({ cancelOnAbort, sleep }) => {
+      const count = releases(d.scope.name)
+      const { app, reasons, nextErrors, sleeps, finished } = timedApp((res) => {
+        res.status(503).send('timed out')
+      }, cancelOnAbort)
+      const srv = await listen(app)
+      try {
+        const id = `timeout-503-${cancelOnAbort}`
+        const r = await rawRequest(srv.url, `/timed/${id}`)
+        expect(r).toMatchObject({ status: 503, body: 'timed out', ended: 'complete' })
+        await finished.promise
+        await settled(d)
+        expect(reasons).toHaveLength(1)
+        expect(reasons[0]).toMatch(/ran past its time limit/)
+        // Without cancelOnAbort the statement runs to its end; with it, PostgreSQL cancels it.
+        expect(sleeps).toEqual([sleep])
+        expect(nextErrors).toEqual(['ScopeAbortedError'])
+        expect(count.count).toBe(1)
+        expect(await exists(id)).toBe(false)
+      } finally {
+        count.stop()
+        await srv.close()
+      }
+    },
+  )
 
   it('server.requestTimeout while the body is still arriving: 408, the handler is aborted, rollback', async () => {
     const count = releases(d.scope.name)
