@@ -212,8 +212,9 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
 
   async #releaseUndestroyable(conn: SerialConnection, error: unknown): Promise<void> {
     if (error === undefined || !this.isFatal(conn, error)) {
-      // The best a Kysely driver allows: leave no transaction open on it.
-      await this.#driver.rollbackTransaction(conn.raw).catch(() => {})
+      // The best a Kysely driver allows: leave no transaction open on it (after the statement that
+      // may still be running on it, never beside it).
+      await conn.run((raw) => this.#driver.rollbackTransaction(raw)).catch(() => {})
     }
     await this.#driver.releaseConnection(conn.raw)
   }

@@ -5,7 +5,7 @@
  * the dialect's pg.Pool, connections are really destroyed and statements
  * really cancelled; without it, the documented limit.
  */
-import { createScope, type Scope } from '@scoped/core'
+import { createScope, type Scope, ScopeAbortedError } from '@scoped/core'
 import { kyselyDriver, scopedKysely } from '@scoped/kysely'
 import { CompiledQuery, type DatabaseConnection, PostgresDialect, SqliteDialect } from 'kysely'
 import pg from 'pg'
@@ -156,7 +156,10 @@ describe('kyselyDriver with createScope', () => {
     const err = await scope
       .runJob(() => query('SELECT pg_sleep(30)'), { name: 'slow', timeoutMs: 300 })
       .catch((e) => e)
-    expect(err.code).toBe('57014')
+    // The job rejects as timed out; what the statement got is the cause: cancelled by the server.
+    expect(err).toBeInstanceOf(ScopeAbortedError)
+    expect(err.kind).toBe('timeout')
+    expect(err.cause.code).toBe('57014')
   })
 })
 
