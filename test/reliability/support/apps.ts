@@ -54,6 +54,8 @@ export interface AppOptions {
   hang?: (id: string) => Promise<void>
   /** Told the error of the statement a `hang` unit tries after `hang(id)` resolved. */
   late?: (id: string, error: unknown) => void
+  /** Told every error that reaches the app's error handler, with the unit's id. */
+  onError?: (id: string, error: unknown) => void
 }
 
 export interface RunningApp {
@@ -125,9 +127,10 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
   const timeoutMs = opts.handlerTimeoutMs ?? 50
   if (adapter === 'hono') {
     const app = new Hono()
-    app.onError((err, c) =>
-      err instanceof HTTPException ? err.getResponse() : c.json(failureBody(err), 500),
-    )
+    app.onError((err, c) => {
+      opts.onError?.(c.req.param('id') ?? '', err)
+      return err instanceof HTTPException ? err.getResponse() : c.json(failureBody(err), 500)
+    })
     app.use(scopedSession('hono', opts.scope))
     app.use('/unit/timeout/*', timeout(timeoutMs))
     app.post('/unit/:kind/:id', async (c) => {
@@ -145,7 +148,8 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
   if (adapter === 'fastify') {
     const app = Fastify()
     await app.register(fastifySession, { scope: opts.scope, cancelOnAbort: true })
-    app.setErrorHandler((err, _req, reply) => {
+    app.setErrorHandler((err, req, reply) => {
+      opts.onError?.((req.params as { id?: string }).id ?? '', err)
       // Fastify's own errors carry their status (handlerTimeout: 503).
       const status =
         typeof err.statusCode === 'number' && err.statusCode >= 400 ? err.statusCode : 500
@@ -184,7 +188,8 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
     if (!res.headersSent) res.status(status).json(bodyOf(status, id))
   })
   app.use(
-    (err: unknown, _req: express.Request, res: express.Response, _next: express.NextFunction) => {
+    (err: unknown, req: express.Request, res: express.Response, _next: express.NextFunction) => {
+      opts.onError?.(String(req.params?.id ?? /[^/]+$/.exec(req.path)?.[0] ?? ''), err)
       if (!res.headersSent) res.status(500).json(failureBody(err))
     },
   )
