@@ -30,6 +30,12 @@ interface OpenTransaction {
   marker: RollbackRequest
 }
 
+/**
+ * Kysely transactions open in each session, in the order they began. They are
+ * savepoints on one connection, so they must end in reverse order.
+ */
+const openIn = new WeakMap<Session<DatabaseConnection>, OpenTransaction[]>()
+
 export class SessionConnection implements RoutedConnection {
   readonly session: Session<DatabaseConnection>
   #driver: KyselyDriver
@@ -95,7 +101,11 @@ export class SessionConnection implements RoutedConnection {
     done.catch(() => {})
     // `done` settles first only when BEGIN/SAVEPOINT failed.
     await Promise.race([begun, done])
-    this.#tx.push({ end, done, marker })
+    const tx: OpenTransaction = { end, done, marker }
+    this.#tx.push(tx)
+    const open = openIn.get(this.session)
+    if (open) open.push(tx)
+    else openIn.set(this.session, [tx])
   }
 
   async commit(): Promise<void> {
@@ -105,6 +115,7 @@ export class SessionConnection implements RoutedConnection {
         `commit() on session '${this.session.name}': this transaction already ended (a failed COMMIT ends it). Fix: start a new transaction.`,
       )
     }
+    this.#ending(tx)
     tx.end(true)
     await tx.done
   }
@@ -113,6 +124,7 @@ export class SessionConnection implements RoutedConnection {
     const tx = this.#tx.pop()
     // Nothing open: its COMMIT failed and already rolled it back (`catch { trx.rollback() }` after a failed commit).
     if (!tx) return
+    this.#ending(tx)
     tx.end(false)
     try {
       await tx.done
@@ -131,6 +143,27 @@ export class SessionConnection implements RoutedConnection {
 
   releaseSavepoint(name: string, compileQuery: QueryCompiler['compileQuery']): Promise<void> {
     return this.session.use((conn) => this.#driver.releaseSavepoint(conn, name, compileQuery))
+  }
+
+  /**
+   * Two transactions of one session ran at the same time (`Promise.all` of
+   * `db.transaction()` calls): their savepoints interleaved on the one
+   * connection, and the core rejects the one that ends out of order. Nothing
+   * of such a unit of work can be trusted, so it will roll back.
+   */
+  #ending(tx: OpenTransaction): void {
+    const open = openIn.get(this.session)
+    if (!open) return
+    const i = open.lastIndexOf(tx)
+    if (i === -1) return
+    if (i !== open.length - 1) {
+      try {
+        this.session.setRollbackOnly()
+      } catch {
+        // closed or aborted: it rolls back anyway
+      }
+    }
+    open.splice(i, 1)
   }
 
   /** The session owns the connection and releases it when its scope ends; nothing to do here. */

@@ -194,6 +194,42 @@ describe('db.transaction() inside a session', () => {
   })
 })
 
+describe('two db.transaction() calls at once in one session', () => {
+  it('cannot both be savepoints of one connection: one rejects, and the unit of work rolls back entirely', async () => {
+    const { db, scope } = f
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+    const settled = await scope.run(async () => {
+      await db.insertInto('orders').values({ note: 'before' }).execute()
+      return Promise.allSettled([
+        db.transaction().execute(async (trx) => {
+          await trx.insertInto('orders').values({ note: 'A' }).execute()
+          await sleep(20)
+        }),
+        db.transaction().execute(async (trx) => {
+          await trx.insertInto('orders').values({ note: 'B' }).execute()
+          await sleep(60)
+        }),
+      ])
+    })
+    const rejected = settled.filter((s) => s.status === 'rejected') as PromiseRejectedResult[]
+    expect(rejected).toHaveLength(1)
+    expect(rejected[0]!.reason).toBeInstanceOf(TransactionStateError)
+    expect(rejected[0]!.reason.message).toContain('overlapped')
+    // Not A without B, nor 'before' without either: nothing.
+    expect(await f.notes()).toEqual([])
+  })
+
+  it('one after another they are fine', async () => {
+    const { db, scope } = f
+    await scope.run(async () => {
+      for (const note of ['A', 'B']) {
+        await db.transaction().execute((trx) => trx.insertInto('orders').values({ note }).execute())
+      }
+    })
+    expect(await f.notes()).toEqual(['A', 'B'])
+  })
+})
+
 describe('db.startTransaction() inside a session', () => {
   /** Kysely's own controlled-transaction example, with savepoints. */
   async function controlled(k: Kysely<DB>) {
