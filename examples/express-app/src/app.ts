@@ -7,7 +7,7 @@ import { type Orders, parseOrderInput } from '@examples/shared'
 import type { Scope } from '@scoped/core'
 import { holdersPage } from '@scoped/core/page'
 import { scopedSession } from '@scoped/express'
-import express, { type ErrorRequestHandler } from 'express'
+import express, { type ErrorRequestHandler, type Express } from 'express'
 
 export interface AppOptions {
   scope: Scope<any>
@@ -21,7 +21,11 @@ function orderId(raw: string): number | undefined {
   return Number.isSafeInteger(id) && id > 0 && id < 2 ** 31 ? id : undefined
 }
 
-export function createApp({ scope, orders, logError = console.error }: AppOptions) {
+export function createApp({
+  scope,
+  orders,
+  logError = console.error,
+}: AppOptions): Express & { dispose(): void } {
   const app = express()
   const page = holdersPage(scope)
 
