@@ -30,6 +30,13 @@ export interface SoakOptions {
   /** Heap growth allowed per 1,000 requests after warm-up (bytes). */
   maxHeapPerK: number
   seed?: number
+  /** Connect the app here (PgBouncer); its database must have the units table. */
+  url?: string
+  /** Check the outcome here: a direct connection to the same database. */
+  checkUrl?: string
+  /** The report's scenario name and what was in the way. Default: soak / backend kills. */
+  scenario?: string
+  via?: string
 }
 
 /** Which requests failed although their kind should not have: an `ok` not answered 200, and so on. */
@@ -71,12 +78,13 @@ export function failedCount(load: LoadResult): number {
 }
 
 export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
-  const scenario = o.kills ? 'backend kills' : 'soak'
+  const scenario = o.scenario ?? (o.kills ? 'backend kills' : 'soak')
   const concurrency = o.concurrency ?? 64
   const poolMax = o.poolMax ?? 16
   const started = performance.now()
   const name = `rel_${o.kills ? 'kills' : 'soak'}_${adapter}`
-  const h = await harness(name, { max: poolMax })
+  const h = await harness(name, { max: poolMax, ...(o.url && { url: o.url }) })
+  const checkUrl = o.checkUrl ?? h.url
   const app = await startApp(adapter, { scope: h.scope, db: h.db })
   const memory = new MemorySampler()
   const unhandled: unknown[] = []
@@ -144,7 +152,7 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
         .join(', ')}`,
     )
   }
-  const leak = await leaks(h.url, h.scope, h.pool)
+  const leak = await leaks(checkUrl, h.scope, h.pool)
   if (o.kills) {
     // No dead client left in the pool: every client it holds has a live backend.
     const [row] = await independentQuery<{ n: number }>(
@@ -156,7 +164,7 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
     if (live !== h.pool.totalCount)
       problems.push(`pool holds ${h.pool.totalCount} clients but ${live} backends live`)
   }
-  const units = await checkUnits(h.url, load, 'u')
+  const units = await checkUnits(checkUrl, load, 'u')
   problems.push(...unitProblems(units).slice(0, 10))
   if (leakTotal(leak) > 0) problems.push(`leaked: ${JSON.stringify(leak)}`)
   if (unhandled.length > 0)
@@ -178,7 +186,7 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
     load: `${load.sent.toLocaleString('en')} requests, ${concurrency} connections, pool ${poolMax}; mix 70 ok / 10 throw / 5 5xx / 10 abort / 5 timeout; ${units.committed} units committed = ${units.answered} answered 2xx/4xx (${units.lostInFlight} of them lost in flight after COMMIT)`,
     faults: o.kills
       ? `pg_terminate_backend on a random in-use backend every ${o.kills.everyMs} ms: ${killed} killed; ${stats.totals.destroyed} clients destroyed${refill}`
-      : 'planned: thrown errors, 5xx, client aborts at random moments, handler timeouts',
+      : `planned: thrown errors, 5xx, client aborts at random moments, handler timeouts${o.via ? `; ${o.via}` : ''}`,
     failed: failedCount(load),
     why: `${unexpected.length} unexpected${o.kills ? ` (≤ ${killed} kills)` : ''}; ${reasons(load)}`,
     leaked: leakTotal(leak),

@@ -28,12 +28,12 @@ import { scopedSession as fastifySession } from '@scoped/fastify'
 import { scopedSession as honoSession } from '@scoped/hono'
 import { isFatalPgError, type ScopedPool } from '@scoped/pg'
 import express from 'express'
+import { serve } from '@hono/node-server'
 import Fastify from 'fastify'
 import { Hono } from 'hono'
 import { HTTPException } from 'hono/http-exception'
 import { timeout } from 'hono/timeout'
 import type pg from 'pg'
-import { listen as honoListen } from '../../../packages/hono/test/support.ts'
 
 export const adapters = ['hono', 'fastify', 'express'] as const
 export type Adapter = (typeof adapters)[number]
@@ -142,8 +142,14 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
       )
       return c.json(bodyOf(status, c.req.param('id')), status as 200)
     })
-    const running = await honoListen(app)
-    return wrap(adapter, running.server, running.port)
+    // As packages/hono/test/support.ts listens; not imported, since this file also runs in a
+    // child process without vitest (the graceful shutdown scenario).
+    const server = await new Promise<http.Server>((resolve) => {
+      const s = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' }, () =>
+        resolve(s as http.Server),
+      )
+    })
+    return wrap(adapter, server, (server.address() as AddressInfo).port)
   }
   if (adapter === 'fastify') {
     const app = Fastify()
