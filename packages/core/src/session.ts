@@ -170,6 +170,10 @@ export class Session<C = unknown> {
    * ```
    */
   async use<T>(fn: (conn: C) => Promise<T>): Promise<T> {
+    // Checked before the checkout: a wrong argument must not cost a connection.
+    if (typeof fn !== 'function') {
+      throw new TypeError(`use(fn): fn must be a function that receives the connection, got ${typeof fn}`)
+    }
     const err = this.#unusable('use()')
     if (err) throw err
     this.#inFlight++
@@ -208,6 +212,9 @@ export class Session<C = unknown> {
    * ```
    */
   async transaction<T>(fn: () => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    if (typeof fn !== 'function') {
+      throw new TypeError(`transaction(fn): fn must be a function, got ${typeof fn}`)
+    }
     const err = this.#unusable('transaction()')
     if (err) throw err
     validateTxOptions(opts)
