@@ -12,11 +12,13 @@
 import type {
   CompiledQuery,
   DatabaseConnection,
+  Log,
   QueryCompiler,
   QueryResult,
   TransactionSettings,
 } from 'kysely'
 import type { KyselyDriver } from './kysely-driver.js'
+import { logged, loggedStream } from './query-log.js'
 import type { RoutedConnection } from './routed-connection.js'
 
 export class PoolConnection implements RoutedConnection {
@@ -25,13 +27,28 @@ export class PoolConnection implements RoutedConnection {
   #conn: DatabaseConnection | undefined
   /** A connection-level error seen on it: destroyed, not reused, at release. */
   #broken: unknown
+  #log: Log | undefined
 
-  constructor(driver: KyselyDriver, conn: DatabaseConnection) {
+  constructor(driver: KyselyDriver, conn: DatabaseConnection, log: Log | undefined) {
     this.#driver = driver
     this.#conn = conn
+    this.#log = log
   }
 
-  async executeQuery<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {
+  executeQuery<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {
+    const run = () => this.#execute<R>(compiledQuery)
+    return this.#log ? logged(this.#log, compiledQuery, run) : run()
+  }
+
+  streamQuery<R>(
+    compiledQuery: CompiledQuery,
+    chunkSize?: number,
+  ): AsyncIterableIterator<QueryResult<R>> {
+    const stream = this.#stream<R>(compiledQuery, chunkSize)
+    return this.#log ? loggedStream(this.#log, compiledQuery, stream) : stream
+  }
+
+  async #execute<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {
     const conn = this.#live()
     try {
       return await conn.executeQuery<R>(compiledQuery)
@@ -41,7 +58,7 @@ export class PoolConnection implements RoutedConnection {
     }
   }
 
-  async *streamQuery<R>(
+  async *#stream<R>(
     compiledQuery: CompiledQuery,
     chunkSize?: number,
   ): AsyncIterableIterator<QueryResult<R>> {

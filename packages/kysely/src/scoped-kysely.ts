@@ -5,9 +5,11 @@
 import type { Scope } from '@scoped/core'
 import {
   type DatabaseConnection,
+  DefaultQueryExecutor,
   type Dialect,
   Kysely,
   type KyselyPlugin,
+  Log,
   type LogConfig,
 } from 'kysely'
 import { KyselyDriver } from './kysely-driver.js'
@@ -98,10 +100,29 @@ export function scopedKysely<DB>(
       `scopedKysely(scope, { outsideScope }): expected 'throw' or 'pool', got ${JSON.stringify(outsideScope)}`,
     )
   }
-  const driver = new ScopedDriver(scope, scope.driver, outsideScope)
+  const driver = new ScopedDriver(
+    scope,
+    scope.driver,
+    outsideScope,
+    log === undefined ? undefined : new Log(log),
+  )
+  const scopedDialect = new ScopedDialect(dialect, driver)
+  // Built from parts (Kysely's public KyselyProps constructor) so that the driver is also the
+  // connection provider: see ScopedDriver.
+  const executor = new DefaultQueryExecutor(
+    dialect.createQueryCompiler(),
+    dialect.createAdapter(),
+    driver,
+    plugins ?? [],
+  )
   return new Kysely<DB>({
-    dialect: new ScopedDialect(dialect, driver),
-    ...(plugins !== undefined && { plugins }),
-    ...(log !== undefined && { log }),
+    config: {
+      dialect: scopedDialect,
+      ...(plugins !== undefined && { plugins }),
+      ...(log !== undefined && { log }),
+    },
+    driver,
+    executor,
+    dialect: scopedDialect,
   })
 }

@@ -10,11 +10,13 @@ import { TransactionStateError } from '@scoped/core'
 import type {
   CompiledQuery,
   DatabaseConnection,
+  Log,
   QueryCompiler,
   QueryResult,
   TransactionSettings,
 } from 'kysely'
 import type { KyselyDriver } from './kysely-driver.js'
+import { logged, loggedStream } from './query-log.js'
 import type { RoutedConnection } from './routed-connection.js'
 
 /** Thrown into the transaction's callback to make the core roll it back (Kysely called rollback). */
@@ -39,20 +41,31 @@ const openIn = new WeakMap<Session<DatabaseConnection>, OpenTransaction[]>()
 export class SessionConnection implements RoutedConnection {
   readonly session: Session<DatabaseConnection>
   #driver: KyselyDriver
+  #log: Log | undefined
   /** Kysely opens one transaction per connection; `db.connection()` can open several in turn. */
   #tx: OpenTransaction[] = []
 
-  constructor(session: Session<DatabaseConnection>, driver: KyselyDriver) {
+  constructor(session: Session<DatabaseConnection>, driver: KyselyDriver, log: Log | undefined) {
     this.session = session
     this.#driver = driver
+    this.#log = log
   }
 
   executeQuery<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {
-    return this.session.use((conn) => conn.executeQuery<R>(compiledQuery))
+    const run = () => this.session.use((conn) => conn.executeQuery<R>(compiledQuery))
+    return this.#log ? logged(this.#log, compiledQuery, run) : run()
+  }
+
+  streamQuery<R>(
+    compiledQuery: CompiledQuery,
+    chunkSize?: number,
+  ): AsyncIterableIterator<QueryResult<R>> {
+    const stream = this.#stream<R>(compiledQuery, chunkSize)
+    return this.#log ? loggedStream(this.#log, compiledQuery, stream) : stream
   }
 
   /** A tracked use for the stream's whole life: the session keeps its connection until it ends. */
-  async *streamQuery<R>(
+  async *#stream<R>(
     compiledQuery: CompiledQuery,
     chunkSize?: number,
   ): AsyncIterableIterator<QueryResult<R>> {

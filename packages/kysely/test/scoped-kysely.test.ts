@@ -4,9 +4,15 @@
  * and db.startTransaction() are its savepoints; concurrent queries share the
  * one connection; outside a scope it throws (or uses the pool when asked).
  */
-import { NoActiveScopeError, SessionClosedError, TransactionStateError } from '@scoped/core'
-import { scopedKysely } from '@scoped/kysely'
-import { CamelCasePlugin, Kysely, PostgresDialect, sql } from 'kysely'
+import {
+  createScope,
+  NoActiveScopeError,
+  ScopeClosedError,
+  SessionClosedError,
+  TransactionStateError,
+} from '@scoped/core'
+import { kyselyDriver, scopedKysely } from '@scoped/kysely'
+import { CamelCasePlugin, Kysely, type LogEvent, PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { independentQuery } from '../../../test/support/db.ts'
@@ -420,5 +426,44 @@ describe('a real Kysely', () => {
     expect(res).toEqual({ camel: { someValue: 1 }, plain: { other_value: 2 }, same: true })
     expect(await f.notes('archive.orders')).toEqual(['archived'])
     expect(await f.notes()).toEqual([])
+  })
+
+  it('logs queries and errors as plain Kysely does (`log`)', async () => {
+    const events: LogEvent[] = []
+    const db = scopedKysely<DB>(f.scope, { log: (e) => void events.push(e), outsideScope: 'pool' })
+    await f.scope
+      .run(async () => {
+        await db.selectFrom('orders').select('note').where('note', '=', 'x').execute()
+        await db
+          .selectNoFrom(sql<number>`1/0`.as('x'))
+          .execute()
+          .catch(() => {})
+        throw new Error('roll back')
+      })
+      .catch(() => {})
+    await db.selectNoFrom(sql<number>`2`.as('y')).execute() // outside a scope, on the pool
+    expect(events.map((e) => [e.level, e.query.sql])).toEqual([
+      ['query', 'select "note" from "orders" where "note" = $1'],
+      ['error', 'select 1/0 as "x"'],
+      ['query', 'select 2 as "y"'],
+    ])
+    expect(events[0]!.query.parameters).toEqual(['x'])
+    expect(events[0]!.queryDurationMillis).toBeGreaterThanOrEqual(0)
+    expect(events[1]!.level === 'error' && (events[1]!.error as { code: string }).code).toBe(
+      '22012',
+    )
+  })
+})
+
+describe('db.destroy()', () => {
+  it('closes the scope (it owns the pool): the pool ends and new scopes are refused', async () => {
+    const pool = new pg.Pool({ connectionString: f.url, max: 1 })
+    const dialect = new PostgresDialect({ pool })
+    const scope = createScope({ driver: kyselyDriver(dialect, { pool }), default: false })
+    const db = scopedKysely<DB>(scope)
+    await scope.run(() => db.selectFrom('orders').selectAll().execute())
+    await db.destroy()
+    expect(pool.ended).toBe(true)
+    await expect(scope.run(async () => {})).rejects.toBeInstanceOf(ScopeClosedError)
   })
 })

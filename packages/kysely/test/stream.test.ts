@@ -6,7 +6,7 @@
  */
 import { TransactionStateError } from '@scoped/core'
 import { scopedKysely } from '@scoped/kysely'
-import { PostgresDialect, sql } from 'kysely'
+import { type LogEvent, PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { independentQuery } from '../../../test/support/db.ts'
@@ -140,9 +140,12 @@ describe('stream() in a session', () => {
   })
 
   it("outside a scope with outsideScope: 'pool' it streams from the pool, as plain Kysely", async () => {
-    const db = scopedKysely<DB>(f.scope, { outsideScope: 'pool' })
+    const events: LogEvent[] = []
+    const db = scopedKysely<DB>(f.scope, { outsideScope: 'pool', log: (e) => void events.push(e) })
     let rows = 0
     for await (const _ of db.selectFrom('items').select('n').stream(50)) rows++
     expect(rows).toBe(100)
+    // One log event for the whole stream, when it ended.
+    expect(events.map((e) => e.level === 'query' && e.isStream)).toEqual([true])
   })
 })
