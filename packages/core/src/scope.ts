@@ -7,6 +7,7 @@
  */
 import { AsyncLocalStorage } from 'node:async_hooks'
 import { getEventListeners } from 'node:events'
+import { Deadlines } from './deadlines.js'
 import { channels } from './diagnostics.js'
 import type { Driver, PoolStats } from './driver.js'
 import {
@@ -125,6 +126,12 @@ export interface ScopeCore<C> {
   acquired(session: Session<C>, waitMs: number): void
   released(session: Session<C>, conn: C, destroy: boolean, error: unknown, heldMs: number): void
   giveBack(conn: C): void
+  /** One timer per kind of deadline (all of a kind have the same length); leak and hold when enabled. */
+  readonly deadlines: {
+    acquire: Deadlines
+    leak: Deadlines | undefined
+    hold: Deadlines | undefined
+  }
   /**
    * An unaborted AbortSignal's controller for `driver.acquire()`, from a free list.
    * Node 20 takes microseconds to make an AbortSignal; a checkout needs one only
@@ -333,6 +340,15 @@ export class ScopeImpl<C> implements Scope<C> {
       committed: 0,
       rolledBack: 0,
       forced: 0,
+      deadlines: {
+        // A checkout that waits keeps the process alive, as a pending setTimeout would.
+        acquire: new Deadlines(this.options.acquireTimeoutMs, true),
+        leak:
+          this.options.leakDetectionMs > 0
+            ? new Deadlines(this.options.leakDetectionMs, false)
+            : undefined,
+        hold: this.options.maxHoldMs > 0 ? new Deadlines(this.options.maxHoldMs, false) : undefined,
+      },
       poolTimeout: (sessionName) =>
         new PoolTimeoutError(
           scope.name,

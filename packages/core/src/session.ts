@@ -15,6 +15,7 @@
  * frames above it are savepoints.
  */
 
+import type { Deadline } from './deadlines.js'
 import { channels } from './diagnostics.js'
 import type { Driver, TxOptions } from './driver.js'
 import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
@@ -93,7 +94,9 @@ export class Session<C = unknown> {
   #broken: unknown
   /** COMMIT/ROLLBACK failed: the transaction state is unknown, destroy on release. */
   #dirty = false
-  #timers: NodeJS.Timeout[] | undefined
+  /** Leak warning and forced release (maxHoldMs) while a connection is held, when enabled. */
+  #leakDeadline: Deadline | undefined
+  #holdDeadline: Deadline | undefined
   #closing: Promise<SessionOutcome> | undefined
   #outcome: SessionOutcome | undefined
   #closedHow = ''
@@ -402,22 +405,15 @@ export class Session<C = unknown> {
     this.#heldSince = performance.now()
     this.#to('acquired')
     core.acquired(this, this.#heldSince - started)
-    const { leakDetectionMs, maxHoldMs } = core.options
-    if (leakDetectionMs > 0 || maxHoldMs > 0) {
-      this.#timers = []
-      if (leakDetectionMs > 0) {
-        this.#timers.push(unrefTimer(() => core.leak(this), leakDetectionMs))
-      }
-      if (maxHoldMs > 0) {
-        this.#timers.push(
-          unrefTimer(() => {
-            core.forced++
-            this.forceRelease(
-              `its connection was destroyed after being held ${maxHoldMs} ms (maxHoldMs)`,
-            )
-          }, maxHoldMs),
+    const { leak, hold } = core.deadlines
+    if (leak) this.#leakDeadline = leak.add(this.#heldSince, () => core.leak(this))
+    if (hold) {
+      this.#holdDeadline = hold.add(this.#heldSince, () => {
+        core.forced++
+        this.forceRelease(
+          `its connection was destroyed after being held ${core.options.maxHoldMs} ms (maxHoldMs)`,
         )
-      }
+      })
     }
   }
 
@@ -438,7 +434,7 @@ export class Session<C = unknown> {
       let done = false
       const stop = () => {
         done = true
-        clearTimeout(timer)
+        deadline.cancel()
         frame.onAbort.delete(onFrameAbort)
         core.waiting--
       }
@@ -448,7 +444,7 @@ export class Session<C = unknown> {
         ac.abort(reason)
         reject(reason)
       }
-      const timer = setTimeout(() => {
+      const deadline = core.deadlines.acquire.add(started, () => {
         core.timeouts++
         const err = core.poolTimeout(this.name)
         if (channels.timeout.hasSubscribers) {
@@ -456,7 +452,7 @@ export class Session<C = unknown> {
           channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
         }
         giveUp(err)
-      }, core.options.acquireTimeoutMs)
+      })
       const onFrameAbort = () => giveUp(frame.aborted)
       frame.onAbort.add(onFrameAbort)
       let pending: Promise<C>
@@ -752,8 +748,9 @@ export class Session<C = unknown> {
   }
 
   #clearTimers(): void {
-    if (this.#timers) for (const t of this.#timers) clearTimeout(t)
-    this.#timers = undefined
+    this.#leakDeadline?.cancel()
+    this.#holdDeadline?.cancel()
+    this.#leakDeadline = this.#holdDeadline = undefined
   }
 
   #rejectHooks(): void {
@@ -821,12 +818,6 @@ export class Session<C = unknown> {
     const how = this.#closedHow || `it is closing (its ${this.#frame.kind} ended)`
     return new SessionClosedError(this, call, how, userFrames(this.#closedAt?.stack))
   }
-}
-
-function unrefTimer(fn: () => void, ms: number): NodeJS.Timeout {
-  const t = setTimeout(fn, ms)
-  t.unref()
-  return t
 }
 
 function sleep(ms: number): Promise<void> {

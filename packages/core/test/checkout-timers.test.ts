@@ -102,3 +102,67 @@ describe('the signal handed to driver.acquire()', () => {
     expect(driver.released).toEqual([1, 2])
   })
 })
+
+describe('deadlines (one timer per kind, shared by the sessions of a scope)', () => {
+  it('each waiting checkout times out on its own deadline, never before it', async () => {
+    const driver = new SignalDriver()
+    driver.hold = true
+    const scope = make(driver, { acquireTimeoutMs: 40 })
+    const waits = [0, 15, 30].map(async (delay) => {
+      await new Promise((r) => setTimeout(r, delay))
+      const started = performance.now()
+      const error = await useOnce(scope).catch((e: unknown) => e)
+      return { error, waited: performance.now() - started }
+    })
+    const results = await Promise.all(waits)
+    for (const { error, waited } of results) {
+      expect(error).toBeInstanceOf(PoolTimeoutError)
+      expect(waited).toBeGreaterThanOrEqual(39)
+    }
+    expect(scope.stats()).toMatchObject({ waiting: 0, totals: { timeouts: 3 } })
+    driver.deliver()
+  })
+
+  it('a checkout that got its connection is not timed out later', async () => {
+    const driver = new SignalDriver()
+    const scope = make(driver, { acquireTimeoutMs: 20 })
+    await scope.run(async () => {
+      await scope.getSession().use(async () => {
+        await new Promise((r) => setTimeout(r, 60))
+      })
+    })
+    expect(scope.stats().totals).toMatchObject({ timeouts: 0, acquired: 1 })
+  })
+
+  it('warns of a leak once, for the session that still holds, not for those that released', async () => {
+    const warnings: string[] = []
+    const logger = { warn: (m: string) => warnings.push(m), error: () => {} }
+    const driver = new SignalDriver()
+    const scope = make(driver, { leakDetectionMs: 30, logger })
+    await scope.run(() => scope.getSession().use(async () => 1), { name: 'quick' })
+    await scope.run(
+      () => scope.getSession().use(() => new Promise((r) => setTimeout(r, 90))),
+      { name: 'slow' },
+    )
+    await scope.run(() => scope.getSession().use(async () => 1), { name: 'quick-again' })
+    await new Promise((r) => setTimeout(r, 50))
+    expect(warnings).toHaveLength(1)
+    expect(warnings[0]).toMatch(/session 'slow'/)
+    expect(scope.stats().totals.leaks).toBe(1)
+  })
+
+  it('a process whose scopes are done exits at once, though the deadlines are long', async () => {
+    const { spawnSync } = await import('node:child_process')
+    const fixture = new URL('./fixtures/exits-when-done.ts', import.meta.url).pathname
+    const started = performance.now()
+    const child = spawnSync(process.execPath, ['--import', 'tsx', fixture], {
+      encoding: 'utf8',
+      timeout: 20_000,
+    })
+    expect(child.stderr).toBe('')
+    expect(child.stdout.trim()).toBe('done')
+    expect(child.status).toBe(0)
+    // acquireTimeoutMs and leakDetectionMs are 60 s there: a timer kept alive would hold it that long.
+    expect(performance.now() - started).toBeLessThan(20_000)
+  })
+})
