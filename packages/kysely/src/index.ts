@@ -4,6 +4,6 @@ export {
   isRetryablePostgresError,
   type PgPoolLike,
 } from './postgres.js'
-export type { OutsideScope } from './scoped-dialect.js'
+export type { OutsideScope } from './scoped-driver.js'
 export { type ScopedKyselyOptions, scopedKysely } from './scoped-kysely.js'
 export { SerialConnection } from './serial-connection.js'

@@ -13,7 +13,8 @@ import {
   type LogConfig,
 } from 'kysely'
 import { KyselyDriver } from './kysely-driver.js'
-import { type OutsideScope, ScopedDialect, ScopedDriver } from './scoped-dialect.js'
+import { ScopedDialect } from './scoped-dialect.js'
+import { type OutsideScope, ScopedDriver } from './scoped-driver.js'
 
 export interface ScopedKyselyOptions {
   /**
