@@ -38,7 +38,12 @@ const poolsWithListener = new WeakSet<object>()
 
 function check(name: string, v: unknown, ok: boolean, expected: string): void {
   if (!ok) {
-    const got = typeof v === 'number' || typeof v === 'string' ? JSON.stringify(v) : v === null ? 'null' : typeof v
+    const got =
+      typeof v === 'number' || typeof v === 'string'
+        ? JSON.stringify(v)
+        : v === null
+          ? 'null'
+          : typeof v
     throw new TypeError(`pgDriver(pool, { ${name} }): expected ${expected}, got ${got}`)
   }
 }
@@ -53,6 +58,11 @@ function isPool(pool: unknown): pool is pg.Pool {
     typeof p.on === 'function' &&
     typeof p.totalCount === 'number'
   )
+}
+
+function isEnded(pool: pg.Pool): boolean {
+  const p = pool as { ended?: boolean; ending?: boolean }
+  return p.ended === true || p.ending === true
 }
 
 function quoteIdent(name: string): string {
@@ -90,25 +100,37 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
         `got ${pool === null ? 'null' : typeof pool}. Pass new pg.Pool({ ... }), not a pg.Client or a connection string.`,
     )
   }
+  if (isEnded(pool)) {
+    throw new TypeError(
+      'pgDriver(pool): the pool has ended (pool.end() was called), so it hands out no connections. ' +
+        'Pass a pool that is open; scope.close() ends the pool for you when the app shuts down.',
+    )
+  }
   if (typeof options !== 'object' || options === null) {
-    throw new TypeError(`pgDriver(pool, options): expected an object, got ${options === null ? 'null' : typeof options}`)
+    throw new TypeError(
+      `pgDriver(pool, options): expected an object, got ${options === null ? 'null' : typeof options}`,
+    )
   }
   for (const key of Object.keys(options)) {
     if (!known.has(key)) {
-      throw new TypeError(`pgDriver(pool, { ${key} }): unknown option. Known options: ${[...known].join(', ')}`)
+      throw new TypeError(
+        `pgDriver(pool, { ${key} }): unknown option. Known options: ${[...known].join(', ')}`,
+      )
     }
   }
   const { statementTimeoutMs, applicationName, validateIdleMs = 30_000, onIdleError } = options
   check(
     'statementTimeoutMs',
     statementTimeoutMs,
-    statementTimeoutMs === undefined || (Number.isInteger(statementTimeoutMs) && statementTimeoutMs >= 0),
+    statementTimeoutMs === undefined ||
+      (Number.isInteger(statementTimeoutMs) && statementTimeoutMs >= 0),
     'an integer number of milliseconds >= 0',
   )
   check(
     'applicationName',
     applicationName,
-    applicationName === undefined || (typeof applicationName === 'string' && applicationName.length > 0),
+    applicationName === undefined ||
+      (typeof applicationName === 'string' && applicationName.length > 0),
     "a non-empty string or 'auto'",
   )
   check(
@@ -117,7 +139,12 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     Number.isFinite(validateIdleMs) && validateIdleMs >= 0,
     'a finite number of milliseconds >= 0',
   )
-  check('onIdleError', onIdleError, onIdleError === undefined || typeof onIdleError === 'function', 'a function')
+  check(
+    'onIdleError',
+    onIdleError,
+    onIdleError === undefined || typeof onIdleError === 'function',
+    'a function',
+  )
 
   const states = new WeakMap<pg.PoolClient, ClientState>()
   if (!poolsWithListener.has(pool)) {
@@ -126,13 +153,15 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     // client; without a listener it would crash the process.
     pool.on('error', (err) => {
       if (onIdleError) onIdleError(err)
-      else console.warn(`[scoped/pg] an idle pooled connection failed and was dropped: ${err.message}`)
+      else
+        console.warn(`[scoped/pg] an idle pooled connection failed and was dropped: ${err.message}`)
     })
   }
 
   const settings = (info: SessionInfo | undefined): string => {
     let sql = ''
-    if (statementTimeoutMs !== undefined) sql += `; SET LOCAL statement_timeout = ${statementTimeoutMs}`
+    if (statementTimeoutMs !== undefined)
+      sql += `; SET LOCAL statement_timeout = ${statementTimeoutMs}`
     const app = applicationName === 'auto' ? info?.name : applicationName
     if (app !== undefined) sql += `; SET LOCAL application_name = ${quoteLiteral(app.slice(0, 63))}`
     return sql
@@ -157,13 +186,24 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     const attempts = (pool.options?.max ?? 10) + 1
     for (let i = 0; ; i++) {
       signal.throwIfAborted()
+      if (isEnded(pool)) {
+        // pg would say "Cannot use a pool after calling end on the pool"; say which pool and why.
+        throw new Error(
+          'pgDriver: the pool has ended (pool.end() was called on it, or its scope was closed), so no ' +
+            'connection can be checked out. Fix: end the pool only through scope.close(), after the last request.',
+        )
+      }
       const client = await pool.connect()
       const state = track(client)
       if (state.error) {
         client.release(state.error)
         continue
       }
-      if (validateIdleMs > 0 && state.releasedAt > 0 && performance.now() - state.releasedAt > validateIdleMs) {
+      if (
+        validateIdleMs > 0 &&
+        state.releasedAt > 0 &&
+        performance.now() - state.releasedAt > validateIdleMs
+      ) {
         try {
           await client.query('SELECT 1')
         } catch (err) {
@@ -181,13 +221,16 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     acquire,
     release(client, { destroy, error }) {
       const state = states.get(client)
-      const dirty = client.getTransactionStatus?.() !== undefined && client.getTransactionStatus() !== 'I'
+      const dirty =
+        client.getTransactionStatus?.() !== undefined && client.getTransactionStatus() !== 'I'
       const reason = error ?? state?.error
       if (destroy || dirty || state?.error) {
         const err =
           reason instanceof Error
             ? reason
-            : new Error(dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg')
+            : new Error(
+                dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg',
+              )
         client.release(err)
         return
       }
@@ -266,7 +309,8 @@ function cancelBackend(client: pg.PoolClient): Promise<void> {
     port?: number
     connection?: { constructor: new () => CancelConnection }
   }
-  if (c.processID === undefined || c.secretKey === undefined || !c.connection) return Promise.resolve()
+  if (c.processID === undefined || c.secretKey === undefined || !c.connection)
+    return Promise.resolve()
   const Connection = c.connection.constructor
   return new Promise<void>((resolve) => {
     const con = new Connection()

@@ -48,6 +48,14 @@ export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<
   return run
 }
 
+function isQueryText(text: unknown): boolean {
+  if (typeof text === 'string') return true
+  if (typeof text !== 'object' || text === null) return false
+  const t = text as { text?: unknown; submit?: unknown }
+  // A QueryConfig has a text; a Submittable (pg-cursor, pg-query-stream) brings its own.
+  return typeof t.text === 'string' || typeof t.submit === 'function'
+}
+
 /**
  * @example
  * ```ts
@@ -58,22 +66,63 @@ export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<
  * })
  * ```
  */
-export function scopedPool(scope: Scope<pg.PoolClient>, options: ScopedPoolOptions = {}): ScopedPool {
+export function scopedPool(
+  scope: Scope<pg.PoolClient>,
+  options: ScopedPoolOptions = {},
+): ScopedPool {
   if (typeof scope !== 'object' || scope === null || typeof scope.getSession !== 'function') {
-    throw new TypeError(`scopedPool(scope): expected a Scope from createScope(), got ${scope === null ? 'null' : typeof scope}`)
+    throw new TypeError(
+      `scopedPool(scope): expected a Scope from createScope(), got ${scope === null ? 'null' : typeof scope}`,
+    )
+  }
+  if (typeof options !== 'object' || options === null) {
+    throw new TypeError(
+      `scopedPool(scope, options): expected an object, got ${options === null ? 'null' : typeof options}`,
+    )
+  }
+  for (const key of Object.keys(options)) {
+    if (key !== 'outsideScope' && key !== 'pool') {
+      throw new TypeError(
+        `scopedPool(scope, { ${key} }): unknown option. Known options: outsideScope, pool`,
+      )
+    }
   }
   const outsideScope = options.outsideScope ?? 'throw'
   if (outsideScope !== 'throw' && outsideScope !== 'pool') {
-    throw new TypeError(`scopedPool(scope, { outsideScope }): expected 'throw' or 'pool', got ${JSON.stringify(outsideScope)}`)
+    throw new TypeError(
+      `scopedPool(scope, { outsideScope }): expected 'throw' or 'pool', got ${JSON.stringify(outsideScope)}`,
+    )
   }
   if (outsideScope === 'pool' && !options.pool) {
-    throw new TypeError("scopedPool(scope, { outsideScope: 'pool' }): pass the pool too: { outsideScope: 'pool', pool }")
+    throw new TypeError(
+      "scopedPool(scope, { outsideScope: 'pool' }): pass the pool too: { outsideScope: 'pool', pool }",
+    )
+  }
+  if (
+    options.pool !== undefined &&
+    typeof (options.pool as { query?: unknown } | null)?.query !== 'function'
+  ) {
+    throw new TypeError(
+      `scopedPool(scope, { pool }): expected a pg.Pool, got ${options.pool === null ? 'null' : typeof options.pool}`,
+    )
   }
   return Object.freeze({
     scope,
     query(text: any, values?: any): Promise<any> {
       if (typeof values === 'function' || typeof arguments[2] === 'function') {
-        return Promise.reject(new TypeError('scopedPool.query(): callbacks are not supported; use the returned promise'))
+        return Promise.reject(
+          new TypeError(
+            'scopedPool.query(): callbacks are not supported; use the returned promise',
+          ),
+        )
+      }
+      // Checked before the session checks a connection out: pg would only fail after it.
+      if (!isQueryText(text)) {
+        return Promise.reject(
+          new TypeError(
+            `scopedPool.query(text): expected SQL text or a query config with a text, got ${text === null ? 'null' : typeof text}`,
+          ),
+        )
       }
       let session: ReturnType<typeof scope.getSession>
       try {
