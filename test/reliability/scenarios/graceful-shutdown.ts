@@ -65,14 +65,22 @@ function events(child: ChildProcess) {
   }
 }
 
-export async function gracefulShutdown(adapter: Adapter, o: { requests: number; slowMs: number }): Promise<void> {
+export async function gracefulShutdown(
+  adapter: Adapter,
+  o: { requests: number; slowMs: number },
+): Promise<void> {
   const started = performance.now()
   const url = await testDatabase(`rel_shutdown_${adapter}`)
   await independentQuery(url, unitsTable)
   let stderr = ''
   const child = spawn(process.execPath, ['--import', 'tsx', appFile], {
     cwd: root,
-    env: { ...process.env, DATABASE_URL: url, ADAPTER: adapter, REPORT_INFLIGHT: String(o.requests) },
+    env: {
+      ...process.env,
+      DATABASE_URL: url,
+      ADAPTER: adapter,
+      REPORT_INFLIGHT: String(o.requests),
+    },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   child.stderr!.on('data', (d) => {
@@ -111,32 +119,47 @@ export async function gracefulShutdown(adapter: Adapter, o: { requests: number; 
     ])
 
     const problems: string[] = []
-    if (code !== 0) problems.push(`exit code ${code}${code === 'hung' ? ' (still running 20 s after shutdown)' : ''}: ${stderr.slice(-500)}`)
+    if (code !== 0)
+      problems.push(
+        `exit code ${code}${code === 'hung' ? ' (still running 20 s after shutdown)' : ''}: ${stderr.slice(-500)}`,
+      )
     const answered = [...r.client].filter((c) => c === 200).length
-    if (answered !== o.requests) problems.push(`${o.requests - answered} in-flight requests were not answered 200`)
+    if (answered !== o.requests)
+      problems.push(`${o.requests - answered} in-flight requests were not answered 200`)
     const refused = [...late.client].filter((c) => c === NET_ERROR).length
-    if (refused !== 5) problems.push(`${5 - refused} requests after SIGTERM were not refused: ${[...late.client]}`)
+    if (refused !== 5)
+      problems.push(`${5 - refused} requests after SIGTERM were not refused: ${[...late.client]}`)
     // The fault really hit work in flight: all requests, and a worker iteration.
     if (summary.atSigterm.inflight !== o.requests || summary.atSigterm.jobsRunning !== 1) {
-      problems.push(`at SIGTERM: ${JSON.stringify(summary.atSigterm)}, expected ${o.requests} requests and 1 job in flight`)
+      problems.push(
+        `at SIGTERM: ${JSON.stringify(summary.atSigterm)}, expected ${o.requests} requests and 1 job in flight`,
+      )
     }
     if (summary.refused !== 'SCOPE_CLOSED') problems.push(`runJob after close: ${summary.refused}`)
     if (!summary.poolEnded) problems.push('the pool did not end')
-    if (summary.stats.totals.forced !== 0) problems.push(`${summary.stats.totals.forced} connections taken by force`)
+    if (summary.stats.totals.forced !== 0)
+      problems.push(`${summary.stats.totals.forced} connections taken by force`)
     if (summary.jobs.started !== summary.jobs.finished) {
-      problems.push(`worker: ${summary.jobs.started} iterations started, ${summary.jobs.finished} finished`)
+      problems.push(
+        `worker: ${summary.jobs.started} iterations started, ${summary.jobs.finished} finished`,
+      )
     }
     const rows = await independentQuery<{ id: string; parts: string[] }>(
       url,
       'SELECT id, array_agg(part ORDER BY part) AS parts FROM units GROUP BY id',
     )
     const half = rows.filter((x) => x.parts.length !== 2).map((x) => `${x.id}: ${x.parts}`)
-    const inflightUnits = rows.filter((x) => x.id.startsWith('inflight') && x.parts.length === 2).length
+    const inflightUnits = rows.filter(
+      (x) => x.id.startsWith('inflight') && x.parts.length === 2,
+    ).length
     const jobUnits = rows.filter((x) => x.id.startsWith('job') && x.parts.length === 2).length
     if (half.length > 0) problems.push(`half-committed: ${half.slice(0, 5).join('; ')}`)
-    if (inflightUnits !== answered) problems.push(`${inflightUnits} request units committed, ${answered} answered`)
-    if (jobUnits !== summary.jobs.finished) problems.push(`${jobUnits} job units committed, ${summary.jobs.finished} finished`)
-    if (rows.some((x) => x.id.startsWith('late'))) problems.push('a request after SIGTERM committed')
+    if (inflightUnits !== answered)
+      problems.push(`${inflightUnits} request units committed, ${answered} answered`)
+    if (jobUnits !== summary.jobs.finished)
+      problems.push(`${jobUnits} job units committed, ${summary.jobs.finished} finished`)
+    if (rows.some((x) => x.id.startsWith('late')))
+      problems.push('a request after SIGTERM committed')
     const left = await independentQuery<{ n: number }>(
       url,
       'SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()',
@@ -153,7 +176,10 @@ export async function gracefulShutdown(adapter: Adapter, o: { requests: number; 
       failed: o.requests - answered,
       why: `${refused} new connections refused (as they must be); runJob after close: ${summary.refused}`,
       leaked,
-      lost: half.length + Math.abs(inflightUnits - answered) + Math.abs(jobUnits - summary.jobs.finished),
+      lost:
+        half.length +
+        Math.abs(inflightUnits - answered) +
+        Math.abs(jobUnits - summary.jobs.finished),
       durationMs: performance.now() - started,
       problems,
     })

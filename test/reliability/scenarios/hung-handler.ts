@@ -9,7 +9,7 @@ import { SessionClosedError } from '@scoped/core'
 import { expect } from 'vitest'
 import { independentQuery } from '../../support/db.ts'
 import { type Adapter, startApp } from '../support/apps.ts'
-import { leakTotal, leaks, until } from '../support/checks.ts'
+import { leaks, leakTotal, until } from '../support/checks.ts'
 import { harness } from '../support/harness.ts'
 import { runLoad } from '../support/load.ts'
 import { record } from '../support/report.ts'
@@ -59,21 +59,27 @@ export async function hungHandler(adapter: Adapter, o: { waiting: number }): Pro
   let served = 0
   for (let i = 0; i < queued.sent; i++) if (queued.client[i] === 200) served++
   if (served !== o.waiting) problems.push(`${o.waiting - served} queued requests were not served`)
-  if (forcedBeforeWake !== 2) problems.push(`${forcedBeforeWake} connections taken by maxHoldMs, expected 2`)
+  if (forcedBeforeWake !== 2)
+    problems.push(`${forcedBeforeWake} connections taken by maxHoldMs, expected 2`)
   for (const [id, e] of late) {
-    if (!(e instanceof SessionClosedError)) problems.push(`${id}: the late statement failed with ${String(e)}`)
-    else if (!/maxHoldMs/.test(e.message)) problems.push(`${id}: SessionClosedError does not say maxHoldMs: ${e.message}`)
+    if (!(e instanceof SessionClosedError))
+      problems.push(`${id}: the late statement failed with ${String(e)}`)
+    else if (!/maxHoldMs/.test(e.message))
+      problems.push(`${id}: SessionClosedError does not say maxHoldMs: ${e.message}`)
   }
   const leakWarnings = h.warnings.filter((w) => w.includes('Possible connection leak'))
-  if (leakWarnings.length < 2) problems.push(`${leakWarnings.length} leak warnings, expected one per hung handler`)
+  if (leakWarnings.length < 2)
+    problems.push(`${leakWarnings.length} leak warnings, expected one per hung handler`)
   for (const w of leakWarnings) {
-    if (!w.includes("'POST /unit/:kind/:id'")) problems.push(`leak warning does not name the route: ${w.split('\n')[0]}`)
+    if (!w.includes("'POST /unit/:kind/:id'"))
+      problems.push(`leak warning does not name the route: ${w.split('\n')[0]}`)
     if (!/Acquired at:[\s\S]*test\/reliability\/support\/apps\.ts/.test(w)) {
       problems.push(`leak warning does not show the acquisition site: ${w.slice(0, 300)}`)
     }
   }
   const hungStatuses = [...hungResult.client]
-  if (hungStatuses.some((s) => s === 200)) problems.push(`a hung handler answered 200: ${hungStatuses}`)
+  if (hungStatuses.some((s) => s === 200))
+    problems.push(`a hung handler answered 200: ${hungStatuses}`)
   const leak = await leaks(h.url, h.scope, h.pool)
   if (leakTotal(leak) > 0) problems.push(`leaked: ${JSON.stringify(leak)}`)
   // The hung units never committed anything; the queued ones all did.
@@ -81,7 +87,8 @@ export async function hungHandler(adapter: Adapter, o: { waiting: number }): Pro
   const hungRows = rows.filter((r) => r.id.startsWith('hung')).length
   const queuedRows = rows.filter((r) => r.id.startsWith('queued')).length
   if (hungRows > 0) problems.push(`${hungRows} hung units committed rows`)
-  if (queuedRows !== served) problems.push(`${queuedRows} queued units committed, ${served} answered`)
+  if (queuedRows !== served)
+    problems.push(`${queuedRows} queued units committed, ${served} answered`)
   const stats = h.scope.stats()
   await app.close()
   await h.close()

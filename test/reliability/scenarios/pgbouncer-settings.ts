@@ -25,7 +25,11 @@ interface Seen {
 
 async function app(url: string, name: string, driver: PgDriverOptions) {
   const pool = new pg.Pool({ connectionString: url, max: 1 })
-  const scope: Scope<pg.PoolClient> = createScope({ driver: pgDriver(pool, driver), name, default: false })
+  const scope: Scope<pg.PoolClient> = createScope({
+    driver: pgDriver(pool, driver),
+    name,
+    default: false,
+  })
   const db = scopedPool(scope)
   const hono = new Hono().use(scopedSession(scope))
   hono.get('/settings', async (c) => {
@@ -39,7 +43,8 @@ async function app(url: string, name: string, driver: PgDriverOptions) {
   })
   const port = (server.address() as { port: number }).port
   return {
-    get: async (): Promise<Seen> => (await fetch(`http://127.0.0.1:${port}/settings`)).json() as Promise<Seen>,
+    get: async (): Promise<Seen> =>
+      (await fetch(`http://127.0.0.1:${port}/settings`)).json() as Promise<Seen>,
     async close() {
       await new Promise<void>((r) => server.close(() => r()))
       await scope.close()
@@ -67,7 +72,8 @@ export async function settingsDoNotLeak(url: string): Promise<void> {
       }
       if (seenA.pid === seenB.pid) sameBackend++
     }
-    if (sameBackend !== rounds) problems.push(`A and B shared the backend in ${sameBackend} of ${rounds} rounds`)
+    if (sameBackend !== rounds)
+      problems.push(`A and B shared the backend in ${sameBackend} of ${rounds} rounds`)
 
     // Control: a session-level SET does leak to the next client on the backend.
     const c1 = new pg.Client({ connectionString: url })
@@ -77,13 +83,17 @@ export async function settingsDoNotLeak(url: string): Promise<void> {
     let control = ''
     try {
       await c1.query('SET statement_timeout = 4321')
-      control = (await c2.query<{ t: string }>("SELECT current_setting('statement_timeout') AS t")).rows[0]!.t
+      control = (await c2.query<{ t: string }>("SELECT current_setting('statement_timeout') AS t"))
+        .rows[0]!.t
       await c2.query('RESET statement_timeout')
     } finally {
       await c1.end()
       await c2.end()
     }
-    if (control !== '4321ms') problems.push(`control: a session-level SET was not seen by the next client (${control}); the check proves nothing`)
+    if (control !== '4321ms')
+      problems.push(
+        `control: a session-level SET was not seen by the next client (${control}); the check proves nothing`,
+      )
     record({
       scenario: 'pgbouncer',
       adapter: 'hono (settings)',

@@ -7,7 +7,7 @@
 import { PoolTimeoutError } from '@scoped/core'
 import { expect } from 'vitest'
 import { type Adapter, startApp } from '../support/apps.ts'
-import { checkUnits, leakTotal, leaks, unitProblems } from '../support/checks.ts'
+import { checkUnits, leaks, leakTotal, unitProblems } from '../support/checks.ts'
 import { harness } from '../support/harness.ts'
 import { runLoad } from '../support/load.ts'
 import { record } from '../support/report.ts'
@@ -46,12 +46,15 @@ export async function poolExhaustion(
     else {
       timedOut++
       earliestFailure = Math.min(earliestFailure, load.durationMs[i]!)
-      if (!load.reasonAt(i)?.includes('POOL_TIMEOUT')) problems.push(`${load.idOf(i)} failed with ${c}: ${load.reasonAt(i)}`)
+      if (!load.reasonAt(i)?.includes('POOL_TIMEOUT'))
+        problems.push(`${load.idOf(i)} failed with ${c}: ${load.reasonAt(i)}`)
     }
   }
   // A timer never fires early: a request that failed did so after waiting acquireTimeoutMs.
   if (earliestFailure < o.acquireTimeoutMs) {
-    problems.push(`a request failed after ${Math.round(earliestFailure)} ms, before acquireTimeoutMs ${o.acquireTimeoutMs}`)
+    problems.push(
+      `a request failed after ${Math.round(earliestFailure)} ms, before acquireTimeoutMs ${o.acquireTimeoutMs}`,
+    )
   }
   if (timedOut === 0) problems.push('no request timed out: the pool was not exhausted')
   if (answered === 0) problems.push('no request was answered')
@@ -62,14 +65,22 @@ export async function poolExhaustion(
       continue
     }
     // Every holder is named by route, with where it checked the connection out.
-    const named = error.holders.filter((x) => x.name === 'POST /unit/:kind/:id' && x.site?.includes('apps.ts'))
+    const named = error.holders.filter(
+      (x) => x.name === 'POST /unit/:kind/:id' && x.site?.includes('apps.ts'),
+    )
     if (error.holders.length !== 5 || named.length !== 5) {
-      problems.push(`${id}: PoolTimeoutError lists ${error.holders.length} holders (${named.length} named with a site)`)
-    } else if (!error.message.includes("'POST /unit/:kind/:id'") || !error.message.includes('acquired at')) {
+      problems.push(
+        `${id}: PoolTimeoutError lists ${error.holders.length} holders (${named.length} named with a site)`,
+      )
+    } else if (
+      !error.message.includes("'POST /unit/:kind/:id'") ||
+      !error.message.includes('acquired at')
+    ) {
       problems.push(`${id}: the message does not list the holders: ${error.message.slice(0, 200)}`)
     } else holdersListed++
   }
-  if (errors.length !== timedOut) problems.push(`${errors.length} errors reached the app for ${timedOut} failures`)
+  if (errors.length !== timedOut)
+    problems.push(`${errors.length} errors reached the app for ${timedOut} failures`)
   // The system recovers: the next requests are all served.
   const after = await runLoad(app.server, {
     port: app.port,
@@ -97,7 +108,10 @@ export async function poolExhaustion(
     failed: timedOut,
     why: `PoolTimeoutError, earliest after ${Math.round(earliestFailure)} ms, ${holdersListed} listing all 5 holders by route and site${sample ? ` ("${sample.message.split('\n')[0]}")` : ''}`,
     leaked: leakTotal(leak),
-    lost: units.committedNotAnswered.length + units.answeredNotCommitted.length + units.halfApplied.length,
+    lost:
+      units.committedNotAnswered.length +
+      units.answeredNotCommitted.length +
+      units.halfApplied.length,
     durationMs: performance.now() - started,
     problems,
   })

@@ -107,7 +107,10 @@ export function watchResponses(server: http.Server, prefix: string, out: Int16Ar
 }
 
 /** Run the load against `port`; `server` (when in this process) records what it sent back. */
-export async function runLoad(server: http.Server | undefined, o: LoadOptions): Promise<LoadResult> {
+export async function runLoad(
+  server: http.Server | undefined,
+  o: LoadOptions,
+): Promise<LoadResult> {
   const rand = random(o.seed)
   const prefix = o.prefix ?? 'u'
   const kinds = Array.from({ length: o.total }, () => pick(o.mix, rand()))

@@ -59,7 +59,9 @@ export async function startPgBouncer(
   await chmod(dir, 0o777)
   const port = await freePort()
   const ini = join(dir, 'pgbouncer.ini')
-  const entries = Object.entries(opts.databases ?? {}).map(([name, params]) => `${name} = ${target} ${params}`)
+  const entries = Object.entries(opts.databases ?? {}).map(
+    ([name, params]) => `${name} = ${target} ${params}`,
+  )
   await writeFile(join(dir, 'userlist.txt'), `"${user}" "${password}"\n`, { mode: 0o644 })
   await writeFile(
     ini,

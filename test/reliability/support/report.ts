@@ -9,6 +9,7 @@
  *   after every row, and each row is printed.
  */
 import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -134,7 +135,7 @@ function document(rows: Row[], m: Mode): string {
     `# Reliability results (${m} run)`,
     '',
     `Produced by \`${m === 'long' ? 'pnpm test:reliability' : 'pnpm test'}\` on ${when}, Node ${process.version}, ` +
-      `${(globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency ?? '?'} cores. ` +
+      `${availableParallelism()} cores. ` +
       'Every number below is measured by the run that wrote this file; see `test/reliability/README.md` for what each scenario does and checks.',
     '',
     '"connections leaked" adds up connections still checked out, sessions still holding one, scopes still open, ' +

@@ -22,7 +22,11 @@ import { type Adapter, startApp } from './apps.ts'
 const say = (o: object) => process.stdout.write(`${JSON.stringify(o)}\n`)
 
 const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL, max: 10 })
-const scope = createScope({ driver: pgDriver(pool), name: 'shutdown-app', acquireTimeoutMs: 10_000 })
+const scope = createScope({
+  driver: pgDriver(pool),
+  name: 'shutdown-app',
+  acquireTimeoutMs: 10_000,
+})
 const db = scopedPool(scope)
 const app = await startApp((process.env.ADAPTER ?? 'hono') as Adapter, { scope, db })
 
