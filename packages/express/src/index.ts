@@ -1,2 +1,2 @@
-export type { CommitOutcome, ScopedSessionOptions } from './options.js'
+export { type CommitOutcome, defaultCommitOn, type ScopedSessionOptions } from './options.js'
 export { scopedSession } from './scoped-session.js'

@@ -10,9 +10,12 @@ export interface CommitOutcome {
   /** `res.statusCode` when the response ends (`res.end()`, after your error handler ran). */
   status: number
   /**
-   * What was thrown (or passed to `next(err)`) in the chain. Always `undefined`
-   * when `commitOn` is asked: a thrown error rolls back without asking. The
-   * field is here so one `commitOn` function fits every `@scoped/*` adapter.
+   * The first error thrown, rejected or passed to `next(err)` after the
+   * middleware (an `Error` or any other value), even if an error handler
+   * answered it; `undefined` when there was none. The default rolls back
+   * whenever it is set; a custom `commitOn` may commit anyway (a thrown 409
+   * that is an answer, not a failure). An aborted request (client gone,
+   * timeout) always rolls back without asking: there is no response to judge.
    */
   error: unknown
 }
@@ -30,9 +33,11 @@ export interface ScopedSessionOptions {
    */
   name?: (req: Request) => string
   /**
-   * Commit the unit of work for this response? Asked when the response ends
-   * and nothing was thrown. Default: `status < 500` (so a returned 404 commits,
-   * a returned 500 rolls back). An aborted request never commits.
+   * Commit the unit of work for this response? Asked when the response ends.
+   * Default ({@link defaultCommitOn}): nothing was thrown and `status < 500`
+   * (so a returned 404 commits; a returned 500 or a thrown error rolls back).
+   * Same contract in every `@scoped/*` adapter. An aborted request never
+   * commits, whatever this returns.
    *
    * @example
    * ```ts
@@ -66,8 +71,18 @@ export function describe(v: unknown): string {
   return v === null ? 'null' : typeof v
 }
 
-/** Not a server error. (A thrown error never gets here: it rolls back without asking.) */
-const defaultCommitOn = ({ status }: CommitOutcome): boolean => status < 500
+/**
+ * The default `commitOn`: nothing thrown and not a server error. Compose with it.
+ *
+ * @example
+ * ```ts
+ * // Commit a conflict the handler threw on purpose (and answered 409), like any 4xx.
+ * const commitOn = (o: CommitOutcome) => defaultCommitOn(o) || o.error instanceof ConflictError
+ * app.use(scopedSession(scope, { commitOn }))
+ * ```
+ */
+export const defaultCommitOn = ({ status, error }: CommitOutcome): boolean =>
+  error === undefined && status < 500
 
 /** @internal Check every option and fill in the defaults. */
 export function resolveSessionOptions(options: unknown): ResolvedSessionOptions {

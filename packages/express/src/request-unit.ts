@@ -133,17 +133,16 @@ export class RequestUnit implements TracedUnit {
       this.#settle()
       return
     }
-    let commit = false
-    if (this.#error === undefined) {
-      try {
-        commit = this.#options.commitOn({ status: this.#res.statusCode, error: undefined }) === true
-      } catch (e) {
-        // The response claims an outcome nobody could decide: do not send it as if committed.
-        this.#report(e, 'scopedSession({ commitOn })')
-        gate.fail()
-        this.#end(false)
-        return
-      }
+    let commit: boolean
+    try {
+      commit =
+        this.#options.commitOn({ status: this.#res.statusCode, error: this.#error?.value }) === true
+    } catch (e) {
+      // The response claims an outcome nobody could decide: do not send it as if committed.
+      this.#report(e, 'scopedSession({ commitOn })')
+      gate.fail()
+      this.#end(false)
+      return
     }
     if (!commit || this.open.existingSession === undefined) {
       // A rollback (or nothing to commit) is not waited for: what it undoes was never visible.

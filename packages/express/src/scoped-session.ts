@@ -45,8 +45,9 @@ function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
  *
  * The unit of work ends when the response ends (`res.end()`, which `res.json`,
  * `res.send` and Express's final handler all call): it COMMITs, with the end
- * held back until the COMMIT settled, when nothing was thrown and `commitOn`
- * agrees (default: status < 500); otherwise it rolls back. A failed COMMIT
+ * held back until the COMMIT settled, when `commitOn` agrees (default: nothing
+ * was thrown or passed to `next(err)`, and status < 500); otherwise it rolls
+ * back. A failed COMMIT
  * answers 500 instead, or cuts the connection if the response had already
  * begun (`res.write()`, `res.writeHead()`). A client that goes away or a socket
  * timeout aborts the unit of work: it rolls back, and the connection is

@@ -4,7 +4,7 @@
  */
 import { stat } from 'node:fs/promises'
 import { fileURLToPath } from 'node:url'
-import { scopedSession } from '@scoped/express'
+import { defaultCommitOn, scopedSession } from '@scoped/express'
 import express, { type NextFunction, type Request, type Response } from 'express'
 import pg from 'pg'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
@@ -286,6 +286,43 @@ describe('commit or rollback, by outcome: exactly one release each', () => {
       await settled(d)
       expect(await exists('items', 'commit-on-404')).toBe(false)
       expect(await exists('items', 'commit-on-302')).toBe(true)
+    } finally {
+      await s.close()
+    }
+  })
+
+  it('commitOn sees the thrown error: composed with defaultCommitOn, an expected one can commit', async () => {
+    class Conflict extends Error {
+      status = 409
+    }
+    const seen: unknown[] = []
+    const app = express()
+    app.use(
+      scopedSession(d.scope, {
+        commitOn: (o) => {
+          seen.push(o.error)
+          return defaultCommitOn(o) || o.error instanceof Conflict
+        },
+      }),
+    )
+    app.post('/:kind/:id', async (req) => {
+      await insert(req.params.id as string)
+      throw req.params.kind === 'conflict' ? new Conflict('taken') : 'plain failure'
+    })
+    app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+      res.status(err instanceof Conflict ? 409 : 400).send('error')
+    })
+    const s = await listen(app)
+    try {
+      expect((await fetch(`${s.url}/conflict/conflict-commits`, { method: 'POST' })).status).toBe(
+        409,
+      )
+      expect((await fetch(`${s.url}/other/other-rolls-back`, { method: 'POST' })).status).toBe(400)
+      await settled(d)
+      expect(await exists('items', 'conflict-commits')).toBe(true)
+      expect(await exists('items', 'other-rolls-back')).toBe(false)
+      expect(seen[0]).toBeInstanceOf(Conflict)
+      expect(seen[1]).toBe('plain failure')
     } finally {
       await s.close()
     }
