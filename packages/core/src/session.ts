@@ -74,7 +74,7 @@ export class Session<C = unknown> {
   /** The shared promise of "connection checked out and, in 'auto' mode, BEGIN sent". */
   #ready: Promise<C> | undefined
   /** The shared checkout in flight, so concurrent first uses never check out twice. */
-  #acquiring: Promise<void> | undefined
+  #acquiring: Promise<C> | undefined
   /** close() was called: no new work is accepted, even before the phase moves on. */
   #closeRequested = false
   #tx: TxFrame[] = []
@@ -175,7 +175,9 @@ export class Session<C = unknown> {
   async use<T>(fn: (conn: C) => Promise<T>): Promise<T> {
     // Checked before the checkout: a wrong argument must not cost a connection.
     if (typeof fn !== 'function') {
-      throw new TypeError(`use(fn): fn must be a function that receives the connection, got ${typeof fn}`)
+      throw new TypeError(
+        `use(fn): fn must be a function that receives the connection, got ${typeof fn}`,
+      )
     }
     const err = this.#unusable('use()')
     if (err) throw err
@@ -353,13 +355,15 @@ export class Session<C = unknown> {
   }
 
   #prepare(): Promise<C> {
-    return this.#setReady(
-      (async () => {
-        await this.#checkout()
-        if (this.#mode === 'auto' && this.#tx.length === 0) await this.#begin({}, false)
-        return this.#conn as C
-      })(),
-    )
+    // 'none' shares the checkout's own promise: one promise less on every first statement.
+    return this.#setReady(this.#mode === 'auto' ? this.#openUnit() : this.#checkout())
+  }
+
+  /** Checkout, then (unless a transaction was opened meanwhile) the unit of work's BEGIN. */
+  async #openUnit(): Promise<C> {
+    await this.#checkout()
+    if (this.#tx.length === 0) await this.#begin({}, false)
+    return this.#conn as C
   }
 
   /** Cache `ready` for concurrent callers; a failed one is not cached, so the next call tries again. */
@@ -371,31 +375,32 @@ export class Session<C = unknown> {
     return ready
   }
 
-  #checkout(): Promise<void> {
-    if (this.#conn !== undefined) return Promise.resolve()
-    // Captured synchronously, while the caller's frames are still on the stack.
-    if (this.#core.options.captureStacks && !this.#acquiring) {
-      this.#acquireSite = new Error('acquired here')
+  /** The held connection, or the one checkout in flight (shared by concurrent first uses). */
+  #checkout(): Promise<C> {
+    if (this.#conn !== undefined) return Promise.resolve(this.#conn)
+    if (this.#acquiring) return this.#acquiring
+    const core = this.#core
+    if (core.ended) {
+      return Promise.reject(new ScopeClosedError(core.name, `Session '${this.name}' checkout`))
     }
-    this.#acquiring ??= this.#acquire().finally(() => {
-      this.#acquiring = undefined
-    })
+    // Captured synchronously, while the caller's frames are still on the stack.
+    if (core.options.captureStacks) this.#acquireSite = new Error('acquired here')
+    this.#to('acquire')
+    this.#acquiring = this.#acquire(performance.now())
     return this.#acquiring
   }
 
-  async #acquire(): Promise<void> {
+  async #acquire(started: number): Promise<C> {
     const core = this.#core
-    if (core.ended) throw new ScopeClosedError(core.name, `Session '${this.name}' checkout`)
-    this.#to('acquire')
-    core.waiting++
-    const started = performance.now()
     let conn: C
     try {
       conn = await this.#race(started)
     } catch (e) {
+      this.#acquiring = undefined
       if (this.#phase === 'acquiring') this.#to('acquireFailed')
       throw e
     }
+    this.#acquiring = undefined
     if (this.#phase !== 'acquiring') {
       // The session was closed while we waited (close() of an untracked connection() call).
       core.giveBack(conn)
@@ -415,6 +420,7 @@ export class Session<C = unknown> {
         )
       })
     }
+    return conn
   }
 
   /**
@@ -430,6 +436,7 @@ export class Session<C = unknown> {
     // Asked for nothing: the driver is not called for a frame that is already over.
     if (frame.aborted) return Promise.reject(frame.aborted)
     const ac = core.signal()
+    core.waiting++
     return new Promise<C>((resolve, reject) => {
       let done = false
       const stop = () => {
@@ -649,12 +656,12 @@ export class Session<C = unknown> {
       this.#core.committed++
       if (channels.commit.hasSubscribers)
         channels.commit.publish({ scope: this.#core.name, session: this })
-      await this.#runHooks(root.afterCommit, 'afterCommit')
+      if (root.afterCommit.length > 0) await this.#runHooks(root.afterCommit, 'afterCommit')
     } else {
       await this.#rollbackQuietly(conn, cause)
       this.#core.rolledBack++
       this.#publishRollback(cause)
-      await this.#runHooks(root.afterRollback, 'afterRollback')
+      if (root.afterRollback.length > 0) await this.#runHooks(root.afterRollback, 'afterRollback')
     }
   }
 
@@ -699,9 +706,10 @@ export class Session<C = unknown> {
       } catch (e) {
         failure = e
       }
-    } else {
+    } else if (this.#pending) {
       await this.#endEmptyUnit(wantCommit)
     }
+    // (Without a transaction or hooks there is nothing to wait for: release in this same turn.)
     const committed = wantCommit && failure === undefined
     const destroy = this.#broken !== undefined || this.#dirty
     this.#outcome = destroy
