@@ -6,4 +6,3 @@ export {
 } from './postgres.js'
 export type { OutsideScope } from './scoped-driver.js'
 export { type ScopedKyselyOptions, scopedKysely } from './scoped-kysely.js'
-export { SerialConnection } from './serial-connection.js'
