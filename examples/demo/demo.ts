@@ -290,9 +290,9 @@ const onTimeout = (m: unknown) => {
 }
 dc.subscribe('scoped:timeout', onTimeout)
 // What an adapter does, minus the `finally`: open a scope per request, end it on the happy path only.
-const connectThroughScope: Connect = async (name) => {
+const connectThroughScope: Connect = async function connectThroughScope(name) {
   const open = naiveScope.open({ name, kind: 'request' })
-  const client = await open.enter(() => open.session.connection())
+  const client = await open.session.connection()
   return {
     query: (text, values) => client.query(text, values),
     release: () => void open.end({ commit: false }),
