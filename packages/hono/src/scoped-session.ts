@@ -146,6 +146,10 @@ export function scopedSession<C = unknown>(
       if (isTimeout(handled)) life.abort('timeout', true)
       const answer = c.res
       await life.rollback()
+      // The orphan fails too (its checkout or statement was cut short by the abort), and its
+      // error reaches app.onError some microtask turns later, however deep its call chain: let
+      // it land before restoring the timeout's answer, or its 500 would replace the 504.
+      await new Promise<void>((resolve) => setTimeout(resolve, 0))
       // The orphaned handler's own failure (its cancelled statement) went through
       // app.onError meanwhile and replaced the response: the chain had answered.
       if (c.res !== answer) replaceResponse(c, answer)
