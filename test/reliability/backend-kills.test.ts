@@ -10,11 +10,11 @@ import { adapters } from './support/apps.ts'
 import { size } from './support/report.ts'
 
 describe.each(adapters)('backend kills through %s', (adapter) => {
-  const total = size(1_500, 30_000)
+  const total = size(1_000, 30_000)
   it(
     `${total} requests while pg_terminate_backend hits a random in-use backend every 100 ms`,
     () =>
-      soak(adapter, { total, kills: { everyMs: 100 }, maxHeapPerK: size(1024 * 1024, 4 * 1024) }),
+      soak(adapter, { total, kills: { everyMs: 100 }, maxHeapPerK: size(1024 * 1024, 32 * 1024) }),
     size(120_000, 1_800_000),
   )
 })

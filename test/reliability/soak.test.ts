@@ -9,10 +9,10 @@ import { adapters } from './support/apps.ts'
 import { size } from './support/report.ts'
 
 describe.each(adapters)('soak through %s', (adapter) => {
-  const total = size(2_000, 100_000)
+  const total = size(1_500, 100_000)
   it(
     `${total} requests, 64 connections: nothing checked out or idle in transaction, commits = 2xx/4xx answers, heap flat`,
-    () => soak(adapter, { total, maxHeapPerK: size(1024 * 1024, 2 * 1024) }),
+    () => soak(adapter, { total, maxHeapPerK: size(1024 * 1024, 16 * 1024) }),
     size(120_000, 1_800_000),
   )
 })
