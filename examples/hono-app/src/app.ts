@@ -3,7 +3,7 @@
  * (`scopedSession`): the handlers just use the app-wide `orders` (a Kysely
  * `db` underneath) and never see a connection, a transaction or a release.
  */
-import { type InvalidOrderError, type Orders, parseOrderInput } from '@examples/shared'
+import { InvalidOrderError, type Orders, parseOrderInput } from '@examples/shared'
 import type { Scope } from '@scoped/core'
 import { holdersPage } from '@scoped/core/page'
 import { scopedSession } from '@scoped/hono'
@@ -16,10 +16,6 @@ export interface AppOptions {
   orders: Orders
   /** Where unexpected errors (the 500s) are logged. Default: console.error. */
   logError?: (error: unknown, route: string) => void
-}
-
-function isInvalidOrder(e: unknown): e is InvalidOrderError {
-  return e instanceof Error && e.name === 'InvalidOrderError'
 }
 
 function orderId(raw: string): number | undefined {
@@ -88,7 +84,7 @@ export function createApp({ scope, orders, logError = console.error }: AppOption
   app.get('/scoped.json', (c) => c.json(page.snapshot()))
 
   app.onError((err, c) => {
-    if (isInvalidOrder(err)) return c.json({ error: err.message }, 400)
+    if (err instanceof InvalidOrderError) return c.json({ error: err.message }, 400)
     logError(err, `${c.req.method} ${c.req.routePath}`)
     return c.json({ error: err instanceof Error ? err.message : String(err) }, 500)
   })

@@ -57,5 +57,6 @@ async function shutdown(signal: string) {
   await database.stop()
   console.log('stopped')
 }
-process.on('SIGINT', () => void shutdown('SIGINT'))
-process.on('SIGTERM', () => void shutdown('SIGTERM'))
+// once: a second Ctrl-C is not caught, and ends the process at once.
+process.once('SIGINT', () => void shutdown('SIGINT'))
+process.once('SIGTERM', () => void shutdown('SIGTERM'))
