@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, it } from 'vitest'
 import { type Database, startDatabase } from '../../scripts/embedded-db.ts'
 import { restart } from './scenarios/restart.ts'
-import { adapters } from './support/apps.ts'
+import { type Adapter, adapters } from './support/apps.ts'
 import { size } from './support/report.ts'
 
 let server: Database
@@ -20,7 +20,7 @@ afterAll(async () => {
   await server?.stop()
 })
 
-describe.each(size(['hono'] as const, adapters))(
+describe.each(size<readonly Adapter[]>(['hono'], adapters))(
   'server restart under load through %s',
   (adapter) => {
     it(

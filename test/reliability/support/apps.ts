@@ -157,8 +157,8 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
     app.setErrorHandler((err, req, reply) => {
       opts.onError?.((req.params as { id?: string }).id ?? '', err)
       // Fastify's own errors carry their status (handlerTimeout: 503).
-      const status =
-        typeof err.statusCode === 'number' && err.statusCode >= 400 ? err.statusCode : 500
+      const code = (err as { statusCode?: unknown }).statusCode
+      const status = typeof code === 'number' && code >= 400 ? code : 500
       void reply.code(status).send(failureBody(err))
     })
     const handler = async (
