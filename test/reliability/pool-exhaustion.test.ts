@@ -13,7 +13,7 @@ describe.each(adapters)('pool exhaustion through %s', (adapter) => {
   it('200 concurrent slow requests on a pool of 5: wait, then PoolTimeoutError naming the holders; recovers', () =>
     poolExhaustion(adapter, {
       requests: 200,
-      slowMs: 100,
+      slowMs: size(100, 250),
       acquireTimeoutMs: size(2_000, 5_000),
     }))
 })
