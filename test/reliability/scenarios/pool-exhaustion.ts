@@ -7,9 +7,9 @@
 import { PoolTimeoutError } from '@scoped/core'
 import { expect } from 'vitest'
 import { type Adapter, startApp } from '../support/apps.ts'
-import { checkUnits, leaks, leakTotal, unitProblems } from '../support/checks.ts'
+import { checkUnits, leaks, leakTotal, lostCount, unitProblems } from '../support/checks.ts'
 import { harness } from '../support/harness.ts'
-import { runLoad } from '../support/load.ts'
+import { CommitLedger, runLoad } from '../support/load.ts'
 import { record } from '../support/report.ts'
 
 export async function poolExhaustion(
@@ -22,9 +22,11 @@ export async function poolExhaustion(
     scope: { acquireTimeoutMs: o.acquireTimeoutMs, captureStacks: true },
   })
   const errors: { id: string; error: unknown }[] = []
+  const ledger = new CommitLedger()
   const app = await startApp(adapter, {
     scope: h.scope,
     db: h.db,
+    onCommit: (id) => ledger.note(id),
     onError: (id, error) => errors.push({ id, error }),
   })
   const load = await runLoad(app.server, {
@@ -35,6 +37,7 @@ export async function poolExhaustion(
     slowMs: o.slowMs,
     seed: 5,
     prefix: 'x',
+    ledger,
   })
   const problems: string[] = []
   let answered = 0
@@ -108,10 +111,7 @@ export async function poolExhaustion(
     failed: timedOut,
     why: `PoolTimeoutError, earliest after ${Math.round(earliestFailure)} ms, ${holdersListed} listing all 5 holders by route and site${sample ? ` ("${sample.message.split('\n')[0]}")` : ''}`,
     leaked: leakTotal(leak),
-    lost:
-      units.committedNotAnswered.length +
-      units.answeredNotCommitted.length +
-      units.halfApplied.length,
+    lost: lostCount(units),
     durationMs: performance.now() - started,
     problems,
   })

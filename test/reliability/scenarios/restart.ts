@@ -13,9 +13,9 @@ import { expect } from 'vitest'
 import type { Database } from '../../../scripts/embedded-db.ts'
 import { independentQuery } from '../../support/db.ts'
 import { type Adapter, startApp, unitsTable } from '../support/apps.ts'
-import { checkUnits, leaks, leakTotal, unitProblems } from '../support/checks.ts'
+import { checkUnits, leaks, leakTotal, lostCount, unitProblems } from '../support/checks.ts'
 import { harness } from '../support/harness.ts'
-import { ABORTED, NET_ERROR, runLoad } from '../support/load.ts'
+import { ABORTED, CommitLedger, NET_ERROR, runLoad } from '../support/load.ts'
 import { record } from '../support/report.ts'
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -34,7 +34,12 @@ export async function restart(
     driver: { validateIdleMs: 200 },
     scope: { acquireTimeoutMs: o.acquireTimeoutMs },
   })
-  const app = await startApp(adapter, { scope: h.scope, db: h.db })
+  const ledger = new CommitLedger()
+  const app = await startApp(adapter, {
+    scope: h.scope,
+    db: h.db,
+    onCommit: (id) => ledger.note(id),
+  })
   const stop = new AbortController()
   const load = runLoad(app.server, {
     port: app.port,
@@ -47,6 +52,7 @@ export async function restart(
     ],
     slowMs: 30,
     seed: 3,
+    ledger,
     signal: stop.signal,
   })
   await sleep(o.beforeMs)
@@ -119,10 +125,7 @@ export async function restart(
     failed,
     why: `${failedWhileDown} while down: ${[...reasonsDown.entries()].map(([k, n]) => `${n}× ${k}`).join('; ')}; slowest failure ${Math.round(slowestFailure)} ms; ${failed - failedWhileDown} in flight at the stop or start`,
     leaked: leakTotal(leak),
-    lost:
-      units.committedNotAnswered.length +
-      units.answeredNotCommitted.length +
-      units.halfApplied.length,
+    lost: lostCount(units),
     durationMs: performance.now() - started,
     problems,
   })

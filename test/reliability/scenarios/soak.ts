@@ -15,9 +15,16 @@ import pg from 'pg'
 import { expect } from 'vitest'
 import { independentQuery } from '../../support/db.ts'
 import { type Adapter, startApp } from '../support/apps.ts'
-import { checkUnits, leaks, leakTotal, unitProblems } from '../support/checks.ts'
+import { checkUnits, leaks, leakTotal, lostCount, unitProblems } from '../support/checks.ts'
 import { harness } from '../support/harness.ts'
-import { ABORTED, type LoadResult, NET_ERROR, runLoad, soakMix } from '../support/load.ts'
+import {
+  ABORTED,
+  CommitLedger,
+  type LoadResult,
+  NET_ERROR,
+  runLoad,
+  soakMix,
+} from '../support/load.ts'
 import { describeTrend, MemorySampler } from '../support/memory.ts'
 import { record } from '../support/report.ts'
 
@@ -85,7 +92,12 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
   const name = `rel_${o.kills ? 'kills' : 'soak'}_${adapter}`
   const h = await harness(name, { max: poolMax, ...(o.url && { url: o.url }) })
   const checkUrl = o.checkUrl ?? h.url
-  const app = await startApp(adapter, { scope: h.scope, db: h.db })
+  const ledger = new CommitLedger()
+  const app = await startApp(adapter, {
+    scope: h.scope,
+    db: h.db,
+    onCommit: (id) => ledger.note(id),
+  })
   const memory = new MemorySampler()
   const unhandled: unknown[] = []
   const onUnhandled = (e: unknown) => unhandled.push(e)
@@ -104,6 +116,7 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
       concurrency,
       mix: soakMix,
       seed: o.seed ?? 20_251_122,
+      ledger,
       progress: { every, fn: (done) => memory.sample(done) },
     })
   } finally {
@@ -183,18 +196,14 @@ export async function soak(adapter: Adapter, o: SoakOptions): Promise<void> {
   record({
     scenario,
     adapter,
-    load: `${load.sent.toLocaleString('en')} requests, ${concurrency} connections, pool ${poolMax}; mix 70 ok / 10 throw / 5 5xx / 10 abort / 5 timeout; ${units.committed} units committed = ${units.answered} answered 2xx/4xx (${units.lostInFlight} of them lost in flight after COMMIT)`,
+    load: `${load.sent.toLocaleString('en')} requests, ${concurrency} connections, pool ${poolMax}; mix 70 ok / 10 throw / 5 5xx / 10 abort / 5 timeout; ${units.committed} units committed = ${units.answered} answered 2xx/4xx (${units.lostInFlight} of them lost in flight after COMMIT); the app's afterCommit agrees with the database on every unit`,
     faults: o.kills
       ? `pg_terminate_backend on a random in-use backend every ${o.kills.everyMs} ms: ${killed} killed; ${stats.totals.destroyed} clients destroyed${refill}`
       : `planned: thrown errors, 5xx, client aborts at random moments, handler timeouts${o.via ? `; ${o.via}` : ''}`,
     failed: failedCount(load),
     why: `${unexpected.length} unexpected${o.kills ? ` (≤ ${killed} kills)` : ''}; ${reasons(load)}`,
     leaked: leakTotal(leak),
-    lost:
-      units.committedNotAnswered.length +
-      units.answeredNotCommitted.length +
-      units.halfApplied.length +
-      units.strangers.length,
+    lost: lostCount(units),
     memory: describeTrend(trend),
     durationMs: performance.now() - started,
     problems,

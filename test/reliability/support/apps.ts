@@ -56,6 +56,8 @@ export interface AppOptions {
   late?: (id: string, error: unknown) => void
   /** Told every error that reaches the app's error handler, with the unit's id. */
   onError?: (id: string, error: unknown) => void
+  /** Told each unit that really committed (an `afterCommit` hook: it runs after the COMMIT). */
+  onCommit?: (id: string) => void
 }
 
 export interface RunningApp {
@@ -77,6 +79,8 @@ export class PlannedError extends Error {
 async function unit(opts: AppOptions, kind: string, id: string, sleepMs: number): Promise<number> {
   const { db } = opts
   await db.query("INSERT INTO units (id, part) VALUES ($1, 'begin')", [id])
+  const onCommit = opts.onCommit
+  if (onCommit) opts.scope.getSession().afterCommit(() => onCommit(id))
   if (kind === 'throw') throw new PlannedError(`planned failure of unit ${id}`)
   if (kind === 'hang') {
     await (opts.hang ? opts.hang(id) : new Promise(() => {}))

@@ -87,13 +87,18 @@ export interface UnitCheck {
   halfApplied: string[]
   /** Committed ids that belong to no request of this load. */
   strangers: string[]
+  /** Where the database and the app's afterCommit disagree (with a ledger): lost or phantom commits. */
+  ledgerMismatch: string[]
 }
 
 /**
  * Compare the committed units of `prefix` with what the requests got.
  * A request counts as answered when its client read a complete 2xx/4xx, or
- * when the client had aborted but the server had sent a 2xx/4xx status (the
- * adapter commits before it sends, so such a response was on its way).
+ * when the client had aborted but the server had committed its unit (seen by
+ * the app's afterCommit, with a ledger) or sent a 2xx/4xx status: the adapter
+ * commits before it sends, so that response was lost in flight, after its
+ * COMMIT. With a ledger, the database and afterCommit must also agree on
+ * every unit.
  */
 export async function checkUnits(
   url: string,
@@ -119,6 +124,7 @@ export async function checkUnits(
     answeredNotCommitted: [],
     halfApplied,
     strangers: [],
+    ledgerMismatch: [],
   }
   const seen = new Set<string>()
   for (let i = 0; i < load.sent; i++) {
@@ -127,11 +133,17 @@ export async function checkUnits(
     const c = load.client[i]!
     const s = load.server[i]!
     const clientAnswered = c >= 200 && c < 500
-    const lost = c === ABORTED && s >= 200 && s < 500
+    const byServer = load.committedByServer?.[i] === 1
+    const lost = c === ABORTED && ((s >= 200 && s < 500) || byServer)
     const answered = clientAnswered || lost
     if (answered) out.answered++
     if (lost) out.lostInFlight++
     const isCommitted = committed.has(id)
+    if (load.committedByServer && byServer !== isCommitted) {
+      out.ledgerMismatch.push(
+        `${id} (${load.kinds[i]}): ${isCommitted ? 'committed in the database, but afterCommit never ran' : 'afterCommit ran, but the database has no unit'}`,
+      )
+    }
     if (answered && !isCommitted) {
       out.answeredNotCommitted.push(
         `${id} (${load.kinds[i]}): client ${c}, server ${s}, not committed`,
@@ -152,6 +164,18 @@ export function unitProblems(u: UnitCheck): string[] {
     ...u.committedNotAnswered,
     ...u.answeredNotCommitted,
     ...u.halfApplied,
+    ...u.ledgerMismatch,
     ...u.strangers.map((s) => `${s}: committed by no request`),
   ]
+}
+
+/** Units lost or half-applied: the table's column, which must be 0. */
+export function lostCount(u: UnitCheck): number {
+  return (
+    u.committedNotAnswered.length +
+    u.answeredNotCommitted.length +
+    u.halfApplied.length +
+    u.ledgerMismatch.length +
+    u.strangers.length
+  )
 }

@@ -24,6 +24,28 @@ export const NET_ERROR = -2 // the connection failed without the client asking
 /** Server side: the response closed without its headers going out. */
 export const NO_HEADERS = -1
 
+/**
+ * Which units the server saw commit (from `afterCommit`), per load: a flag per
+ * request in a typed array, found by the id's prefix.
+ */
+export class CommitLedger {
+  readonly #loads: [prefix: string, flags: Uint8Array][] = []
+
+  track(prefix: string, total: number): Uint8Array {
+    const flags = new Uint8Array(total)
+    this.#loads.push([prefix, flags])
+    return flags
+  }
+
+  note(id: string): void {
+    for (const [prefix, flags] of this.#loads) {
+      if (!id.startsWith(prefix)) continue
+      const i = Number(id.slice(prefix.length))
+      if (Number.isInteger(i) && i >= 0 && i < flags.length) flags[i] = 1
+    }
+  }
+}
+
 export interface LoadOptions {
   port: number
   total: number
@@ -38,6 +60,8 @@ export interface LoadOptions {
   prefix?: string
   /** Stop issuing new requests when this aborts. */
   signal?: AbortSignal
+  /** Where the app notes the units that committed (see `AppOptions.onCommit`). */
+  ledger?: CommitLedger
 }
 
 export interface LoadResult {
@@ -51,6 +75,8 @@ export interface LoadResult {
   durationMs: Float64Array
   /** Failure reasons (5xx bodies and socket errors) → count. */
   reasons: Map<string, number>
+  /** 1 where the server saw the unit commit (with a ledger), else 0. */
+  committedByServer: Uint8Array | undefined
   /** The grouped failure reason of request `i`, if it failed. */
   reasonAt(i: number): string | undefined
   /** Failures whose body said the error was connection-level. */
@@ -122,6 +148,7 @@ export async function runLoad(
   const durationMs = new Float64Array(o.total)
   const reasons = new Map<string, number>()
   let fatalFailures = 0
+  const committedByServer = o.ledger?.track(prefix, o.total)
   const unwatch = server ? watchResponses(server, prefix, serverSide) : () => {}
   const agent = new http.Agent({ keepAlive: true, maxSockets: o.concurrency })
   const reasonList: string[] = []
@@ -228,6 +255,7 @@ export async function runLoad(
     startedAt,
     durationMs,
     reasons,
+    committedByServer,
     reasonAt: (i) => (reasonOfRequest[i] ? reasonList[reasonOfRequest[i]! - 1] : undefined),
     fatalFailures,
     sent: next,
