@@ -9,5 +9,5 @@ import { adapters } from './support/apps.ts'
 
 describe.each(adapters)('graceful shutdown of a %s app', (adapter) => {
   it('SIGTERM with 50 requests and a worker in flight: all commit, new ones refused, exit 0', () =>
-    gracefulShutdown(adapter, { requests: 50, slowMs: 300 }))
+    gracefulShutdown(adapter, { requests: 50, slowMs: 500 }))
 })

@@ -48,10 +48,13 @@ let finished = 0
 const worker = scope.loop(
   async () => {
     const id = `job${++started}`
+    // Finished means committed: an iteration is in flight until its COMMIT is done.
+    scope.getSession().afterCommit(() => {
+      finished++
+    })
     await db.query("INSERT INTO units (id, part) VALUES ($1, 'begin')", [id])
     await db.query('SELECT pg_sleep(0.05)')
     await db.query("INSERT INTO units (id, part) VALUES ($1, 'end')", [id])
-    finished++
   },
   { name: 'worker', signal: stopWorker.signal },
 )
