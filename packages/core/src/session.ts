@@ -601,7 +601,9 @@ export class Session<C = unknown> {
 
   #popFrame(frame: TxFrame): void {
     if (this.#tx[this.#tx.length - 1] !== frame) {
+      // The savepoint stack no longer matches the server's: nothing of this unit may commit.
       this.#dirty = true
+      this.#rollbackOnly = true
       throw new TransactionStateError(
         `transaction() calls on session '${this.name}' overlapped (two ran at once at the same depth). ` +
           'Fix: await one transaction() before starting the next in the same session.',

@@ -241,6 +241,25 @@ describe('nesting and hooks', () => {
     ])
   })
 
+  it('overlapping transaction() calls in one session fail, and nothing of the unit commits', async () => {
+    const { driver, scope } = make()
+    await scope.run(async () => {
+      const s = scope.getSession()
+      await q(scope, driver, 'A')
+      // The first one opened ends first, while the second's savepoint is on top of it.
+      const first = s.transaction(async () => {
+        await q(scope, driver, 'first', { ms: 5 })
+      })
+      const second = s.transaction(async () => {
+        await q(scope, driver, 'second', { ms: 30 })
+      })
+      const results = await Promise.allSettled([first, second])
+      expect(results.some((r) => r.status === 'rejected')).toBe(true)
+    })
+    expect(driver.conns[0]!.log).not.toContain('COMMIT')
+    expect(driver.releases[0]!.destroy).toBe(true)
+  })
+
   it('commit() inside transaction(fn) is a TransactionStateError', async () => {
     const { scope } = make()
     await scope.run(async () => {
