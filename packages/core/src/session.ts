@@ -17,7 +17,7 @@
 
 import type { Deadline } from './deadlines.js'
 import { channels } from './diagnostics.js'
-import type { Driver, TxOptions } from './driver.js'
+import type { TxOptions } from './driver.js'
 import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
 import { callSite, type Holder, userFrames } from './holders.js'
 import type { OpenScope as Frame, ScopeCore } from './scope.js'

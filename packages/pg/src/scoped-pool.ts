@@ -108,8 +108,8 @@ export function scopedPool(
   }
   return Object.freeze({
     scope,
-    query(text: any, values?: any): Promise<any> {
-      if (typeof values === 'function' || typeof arguments[2] === 'function') {
+    query(text: any, values?: any, callback?: unknown): Promise<any> {
+      if (typeof values === 'function' || typeof callback === 'function') {
         return Promise.reject(
           new TypeError(
             'scopedPool.query(): callbacks are not supported; use the returned promise',
