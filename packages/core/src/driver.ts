@@ -49,6 +49,15 @@ export interface Driver<C> {
    * abort with `cancelOnAbort`, and at job timeouts). Best effort; must not throw.
    */
   cancel?(conn: C): Promise<void>
+  /**
+   * True when `conn` sends each statement without waiting for the previous
+   * one's result, and the server runs them in order (node-postgres
+   * `new pg.Pool({ pipeline: true })`). The unit of work's BEGIN then goes on
+   * the wire together with its first statement instead of one round trip
+   * before it. If that BEGIN fails, the session reports its error, not the
+   * "current transaction is aborted" of the statements behind it.
+   */
+  pipelined?(conn: C): boolean
   /** A connection-level error (socket closed, backend terminated): the connection is destroyed. */
   isFatal?(conn: C, error: unknown): boolean
   /** A serialization failure or deadlock (SQLSTATE 40001 / 40P01): `transaction(fn, { retry })` re-runs. */

@@ -75,6 +75,12 @@ export class Session<C = unknown> {
   #ready: Promise<C> | undefined
   /** The shared checkout in flight, so concurrent first uses never check out twice. */
   #acquiring: Promise<C> | undefined
+  /**
+   * The unit of work's BEGIN while it is on the wire unanswered, when the driver
+   * pipelines (`driver.pipelined(conn)`): statements were sent behind it without
+   * waiting, so their errors are weighed against its outcome.
+   */
+  #began: Promise<void> | undefined
   /** close() was called: no new work is accepted, even before the phase moves on. */
   #closeRequested = false
   #tx: TxFrame[] = []
@@ -186,8 +192,13 @@ export class Session<C = unknown> {
     try {
       const conn = await (this.#ready ?? this.#prepare())
       try {
-        return await fn(conn)
+        const result = await fn(conn)
+        if (this.#began) await this.#beganOrThrow()
+        return result
       } catch (e) {
+        // After a pipelined BEGIN that failed, the statement's own error is only its consequence
+        // ("current transaction is aborted"): report the BEGIN's error instead.
+        if (this.#began) await this.#beganOrThrow()
         this.#noteError(conn, e)
         if (this.#forced) {
           // The connection was taken by force under this use: the driver only says "Connection
@@ -361,9 +372,42 @@ export class Session<C = unknown> {
 
   /** Checkout, then (unless a transaction was opened meanwhile) the unit of work's BEGIN. */
   async #openUnit(): Promise<C> {
-    await this.#checkout()
-    if (this.#tx.length === 0) await this.#begin({}, false)
+    const conn = await this.#checkout()
+    if (this.#tx.length === 0) {
+      if (this.#core.driver.pipelined?.(conn)) this.#pipelineBegin(conn)
+      else await this.#begin({}, false)
+    }
     return this.#conn as C
+  }
+
+  /**
+   * Send the unit of work's BEGIN and hand the connection out at once: the first
+   * statement goes on the wire right behind it, saving a round trip. Only the
+   * unit's plain BEGIN (no isolation or read-only option, which could fail before
+   * a transaction opens) is pipelined; whatever runs behind it learns its outcome
+   * (use(), savepoints, COMMIT wait for it).
+   */
+  #pipelineBegin(conn: C): void {
+    const began = this.#begin({}, false)
+    this.#began = began
+    began.then(
+      () => {
+        if (this.#began === began) this.#began = undefined
+      },
+      () => {
+        // #begin() already took the transaction frame down; the next statement begins again,
+        // as it would after a BEGIN that failed before anything was sent behind it.
+        if (this.#conn === conn && this.#tx.length === 0) this.#ready = undefined
+      },
+    )
+  }
+
+  /** Wait for a pipelined BEGIN; throw its error if it failed. */
+  async #beganOrThrow(): Promise<void> {
+    const began = this.#began
+    if (!began) return
+    await began
+    if (this.#began === began) this.#began = undefined
   }
 
   /** Cache `ready` for concurrent callers; a failed one is not cached, so the next call tries again. */
@@ -572,6 +616,7 @@ export class Session<C = unknown> {
       )
     }
     const conn = await (this.#ready ?? this.#prepare())
+    if (this.#began) await this.#beganOrThrow()
     const name = `scoped_sp_${++this.#savepoints}`
     const frame: TxFrame = { savepoint: name, explicit: true, afterCommit: [], afterRollback: [] }
     await driver.savepoint(conn, name)
@@ -614,6 +659,22 @@ export class Session<C = unknown> {
 
   /** COMMIT or ROLLBACK the real transaction, then run its hooks. */
   async #endTransaction(commit: boolean, cause?: unknown): Promise<void> {
+    if (this.#began) {
+      try {
+        await this.#beganOrThrow()
+      } catch (e) {
+        // The unit of work never began, and nothing sent behind its BEGIN can be trusted:
+        // no COMMIT, the connection (already marked dirty) is destroyed.
+        this.#began = undefined
+        if (commit) {
+          const pending = this.#pending
+          this.#pending = undefined
+          this.#rollbackOnly = false
+          if (pending) await this.#runHooks(pending.afterRollback, 'afterRollback')
+          throw e
+        }
+      }
+    }
     const root = this.#tx[0]
     const conn = this.#conn
     if (!root || conn === undefined) {
@@ -702,7 +763,8 @@ export class Session<C = unknown> {
     this.#closedHow = `it was closed when its ${this.#frame.kind} ended`
     this.#noteClosedAt()
     let failure: unknown
-    if (this.#tx.length > 0) {
+    // A pipelined BEGIN still counts while its outcome is unknown (or failed unseen).
+    if (this.#tx.length > 0 || this.#began) {
       try {
         await this.#endTransaction(wantCommit)
       } catch (e) {
@@ -753,6 +815,7 @@ export class Session<C = unknown> {
     this.#clearTimers()
     this.#conn = undefined
     this.#ready = undefined
+    this.#began = undefined
     this.#tx.length = 0
     this.#core.released(this, conn, destroy, error, performance.now() - this.#heldSince)
   }

@@ -276,6 +276,8 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     async rollbackToSavepoint(client, name) {
       await client.query(`ROLLBACK TO SAVEPOINT ${quoteIdent(name)}`)
     },
+    // `new pg.Pool({ pipeline: true })`: the unit of work's BEGIN goes out with its first statement.
+    pipelined: (client) => (client as { pipeline?: boolean }).pipeline === true,
     cancel: (client) => cancelBackend(client),
     isFatal(client, error) {
       return states.get(client)?.error !== undefined || isFatalPgError(error)

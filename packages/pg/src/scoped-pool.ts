@@ -33,18 +33,21 @@ export interface ScopedPool {
  */
 const tails = new WeakMap<pg.PoolClient, Promise<unknown>>()
 
-/** Run `fn` on `client` after every statement already queued on it by this library. */
+/**
+ * Run `fn` on `client` after every statement already queued on it by this library.
+ * A pipelined client (`new pg.Pool({ pipeline: true })`) queues statements itself,
+ * in order, and sends them without waiting for the previous result: `fn` runs at once.
+ */
 export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<T> {
+  if ((client as { pipeline?: boolean }).pipeline === true) return fn()
   const tail = tails.get(client)
   const run = tail ? tail.then(fn, fn) : fn()
-  const settled = run.then(
-    () => {},
-    () => {},
-  )
-  tails.set(client, settled)
-  void settled.then(() => {
+  // One promise marks the end of this statement and forgets the tail if nothing queued behind it.
+  const settled: Promise<void> = run.then(forget, forget)
+  function forget(): void {
     if (tails.get(client) === settled) tails.delete(client)
-  })
+  }
+  tails.set(client, settled)
   return run
 }
 
