@@ -147,6 +147,10 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
   )
 
   const states = new WeakMap<pg.PoolClient, ClientState>()
+  // A CancelRequest travels on a connection of its own and lands when it lands: if the statement
+  // it was sent for has ended and the client went on to its next holder, it would cancel that
+  // holder's statement. So a client with a cancel in flight is released once the cancel is done.
+  const cancelling = new WeakMap<pg.PoolClient, Promise<void>>()
   if (!poolsWithListener.has(pool)) {
     poolsWithListener.add(pool)
     // An idle client's error (server restart, network) is emitted on the pool, which drops the
@@ -216,26 +220,32 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     }
   }
 
+  const releaseNow = (client: pg.PoolClient, destroy: boolean, error: unknown): void => {
+    const state = states.get(client)
+    const dirty =
+      client.getTransactionStatus?.() !== undefined && client.getTransactionStatus() !== 'I'
+    const reason = error ?? state?.error
+    if (destroy || dirty || state?.error) {
+      const err =
+        reason instanceof Error
+          ? reason
+          : new Error(
+              dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg',
+            )
+      client.release(err)
+      return
+    }
+    if (state) state.releasedAt = performance.now()
+    client.release()
+  }
+
   const driver: Driver<pg.PoolClient> = {
     name: 'pg',
     acquire,
     release(client, { destroy, error }) {
-      const state = states.get(client)
-      const dirty =
-        client.getTransactionStatus?.() !== undefined && client.getTransactionStatus() !== 'I'
-      const reason = error ?? state?.error
-      if (destroy || dirty || state?.error) {
-        const err =
-          reason instanceof Error
-            ? reason
-            : new Error(
-                dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg',
-              )
-        client.release(err)
-        return
-      }
-      if (state) state.releasedAt = performance.now()
-      client.release()
+      const pending = cancelling.get(client)
+      if (pending) return pending.then(() => releaseNow(client, destroy, error))
+      releaseNow(client, destroy, error)
     },
     async begin(client, opts: TxOptions, info?: SessionInfo) {
       let sql = 'BEGIN'
@@ -278,7 +288,16 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     },
     // `new pg.Pool({ pipeline: true })`: the unit of work's BEGIN goes out with its first statement.
     pipelined: (client) => (client as { pipeline?: boolean }).pipeline === true,
-    cancel: (client) => cancelBackend(client),
+    cancel(client) {
+      const sent = cancelBackend(client)
+      const previous = cancelling.get(client)
+      const all = previous ? Promise.all([previous, sent]).then(() => {}) : sent
+      cancelling.set(client, all)
+      void all.then(() => {
+        if (cancelling.get(client) === all) cancelling.delete(client)
+      })
+      return sent
+    },
     isFatal(client, error) {
       return states.get(client)?.error !== undefined || isFatalPgError(error)
     },
