@@ -16,6 +16,26 @@ export interface Holder {
   stack?: string
 }
 
+/**
+ * Frames kept in a captured stack. V8 keeps 10 by default, and a query builder,
+ * its driver and this library can take all of them (Kysely → `scopedKysely` →
+ * `Session.use()` → checkout is 14 frames deep), leaving no frame of the code
+ * that made the query.
+ */
+const STACK_FRAMES = 50
+
+/** An Error whose stack reaches past the libraries to the caller (`captureStacks`). */
+export function captureStack(message: string): Error {
+  const limit = Error.stackTraceLimit
+  // Raised for this one capture only; a higher limit the application chose is kept.
+  if (!(limit >= STACK_FRAMES)) Error.stackTraceLimit = STACK_FRAMES
+  try {
+    return new Error(message)
+  } finally {
+    Error.stackTraceLimit = limit
+  }
+}
+
 const internal =
   /node:|node_modules[\\/](@scoped|pg|pg-pool|kysely|hono|@hono|fastify|express|avvio)[\\/]|packages[\\/](core|pg|kysely|hono|fastify|express)[\\/]src[\\/]|\(<anonymous>\)|^\s*at new Promise/
 

@@ -19,7 +19,7 @@ import type { Deadline } from './deadlines.js'
 import { channels } from './diagnostics.js'
 import type { TxOptions } from './driver.js'
 import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
-import { callSite, type Holder, userFrames } from './holders.js'
+import { callSite, captureStack, type Holder, userFrames } from './holders.js'
 import type { OpenScope as Frame, ScopeCore } from './scope.js'
 
 export type SessionState = 'idle' | 'active' | 'closed'
@@ -428,7 +428,7 @@ export class Session<C = unknown> {
       return Promise.reject(new ScopeClosedError(core.name, `Session '${this.name}' checkout`))
     }
     // Captured synchronously, while the caller's frames are still on the stack.
-    if (core.options.captureStacks) this.#acquireSite = new Error('acquired here')
+    if (core.options.captureStacks) this.#acquireSite = captureStack('acquired here')
     this.#to('acquire')
     this.#acquiring = this.#acquire(performance.now())
     return this.#acquiring
@@ -845,7 +845,7 @@ export class Session<C = unknown> {
   }
 
   #noteClosedAt(): void {
-    if (this.#core.options.captureStacks) this.#closedAt = new Error('closed here')
+    if (this.#core.options.captureStacks) this.#closedAt = captureStack('closed here')
   }
 
   #hook(kind: 'afterCommit' | 'afterRollback', fn: Hook): void {
