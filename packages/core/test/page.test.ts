@@ -202,6 +202,44 @@ describe('renderHoldersPage', () => {
     expect(html).toContain('<b>2</b> in use · <b class="warn">3</b> waiting')
   })
 
+  it("spans the chart over the window, or from a young process's first sample", () => {
+    const sample = (agoMs: number, used: number) => ({
+      at: base.at - agoMs,
+      used,
+      idle: 0,
+      waiting: 0,
+      max: 10,
+    })
+    const axis = (html: string) => ({
+      from: html.match(/<text x="\d+" y="\d+">([^<]*) ago<\/text>/)?.[1],
+      caption: html.match(/<figcaption>Last ([^:]*):/)?.[1],
+      // The in-use area's first point: where the first sample is drawn.
+      firstX: Number(html.match(/<polygon class="used" points="([\d.]+),/)?.[1]),
+    })
+    // A running process: samples over the whole window.
+    const full = Array.from({ length: 300 }, (_, i) => sample((299 - i) * 1_000, i % 3))
+    const running = axis(renderHoldersPage({ ...base, samples: full }))
+    expect(running).toMatchObject({ from: '5 min', caption: '5 min' })
+    // 299 s ago, in 684 px for 300 s: one second (2.3 px) right of the left edge.
+    expect(running.firstX).toBeCloseTo(32 + 684 / 300, 0)
+    // Started 30 s ago: the chart is those 30 s, its first sample at the left edge.
+    const young = [30_000, 20_000, 10_000, 0].map((ago) => sample(ago, 1))
+    expect(axis(renderHoldersPage({ ...base, samples: young }))).toEqual({
+      from: '30 s',
+      caption: '30 s',
+      firstX: 32,
+    })
+    // Started 2 s ago: at least 10 s, so the first samples are not one wide block.
+    const newborn = [2_000, 1_000, 0].map((ago) => sample(ago, 1))
+    const shown = axis(renderHoldersPage({ ...base, samples: newborn }))
+    expect(shown).toMatchObject({ from: '10 s', caption: '10 s' })
+    expect(shown.firstX).toBeGreaterThan(500)
+    expect(axis(renderHoldersPage(base))).toMatchObject({
+      from: '5 min',
+      caption: '5 min (no samples yet)',
+    })
+  })
+
   it('formats hold times for people', () => {
     expect([
       formatDuration(5),

@@ -43,6 +43,31 @@ export function formatDuration(ms: number): string {
   return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, '0')} s`
 }
 
+/** The chart's span as its axis and caption say it: `5 min`, `2 min 13 s`, `12 s`. */
+function spanLabel(ms: number): string {
+  if (ms >= 60_000 && ms % 60_000 === 0) return `${ms / 60_000} min`
+  if (ms >= 1_000 && ms < 60_000) return `${Math.round(ms / 1_000)} s`
+  return formatDuration(ms)
+}
+
+/** The shortest span the chart draws, so a process's first samples are wide enough to see. */
+const MIN_SPAN_MS = 10_000
+
+/**
+ * The time the chart starts at: the window's start, or the first sample when sampling began
+ * well inside the window (a process that just started). Drawing five minutes of nothing would
+ * squeeze its first seconds, the ones someone trying the page looks at, into the last pixels.
+ * Once the samples cover nine tenths of the window, the chart is the whole window, so the
+ * axis of a running process stays put between reloads.
+ */
+function chartStart(snap: PageSnapshot): number {
+  const { samples, windowMs, at } = snap
+  const windowStart = at - windowMs
+  const first = samples[0]?.at
+  if (first === undefined || first - windowStart <= windowMs / 10) return windowStart
+  return Math.max(windowStart, Math.min(first, at - MIN_SPAN_MS))
+}
+
 const W = 720
 const H = 160
 const LEFT = 32
@@ -51,13 +76,14 @@ const TOP = 6
 
 /** The pool over the window: in use (area), waiting (stacked on top), the size limit (dashed). */
 function chart(snap: PageSnapshot): string {
-  const { samples, windowMs, at } = snap
+  const { samples, at } = snap
+  const from = chartStart(snap)
+  const span = at - from
   const plotW = W - LEFT - 4
   const plotH = H - TOP - BOTTOM
   const limit = samples.reduce((m, s) => Math.max(m, s.max ?? 0, s.used + s.waiting), 1)
   // A sample a little older than the window (timers run late under load) is drawn at its left edge.
-  const x = (t: number) =>
-    (LEFT + Math.max(0, Math.min(1, (t - (at - windowMs)) / windowMs)) * plotW).toFixed(1)
+  const x = (t: number) => (LEFT + Math.max(0, Math.min(1, (t - from) / span)) * plotW).toFixed(1)
   const y = (v: number) => (TOP + plotH - (v / limit) * plotH).toFixed(1)
   const base = y(0)
   let shapes = ''
@@ -79,10 +105,9 @@ function chart(snap: PageSnapshot): string {
       shapes += `<line class="max" x1="${LEFT}" x2="${W - 4}" y1="${y(max)}" y2="${y(max)}"/>`
     }
   }
-  const minutes = Math.round(windowMs / 60_000)
-  const ago = minutes >= 1 ? `${minutes} min ago` : `${Math.round(windowMs / 1_000)} s ago`
+  const ago = `${spanLabel(span)} ago`
   return (
-    `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="connections in use and waiting over the last ${esc(ago.replace(' ago', ''))}">` +
+    `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="connections in use and waiting over the last ${esc(spanLabel(span))}">` +
     `<line class="axis" x1="${LEFT}" x2="${W - 4}" y1="${base}" y2="${base}"/>` +
     `<text x="${LEFT - 4}" y="${y(limit)}" dy="0.7em" text-anchor="end">${limit}</text>` +
     `<text x="${LEFT - 4}" y="${base}" text-anchor="end">0</text>` +
@@ -192,7 +217,7 @@ export function renderHoldersPage(snapshot: PageSnapshot, options: RenderOptions
     ` · <b${waiting > 0 ? ' class="warn"' : ''}>${waiting}</b> waiting` +
     ` · ${stats.holding} held by this scope's sessions (${stats.inTransaction} in a transaction)` +
     ` · ${stats.open} requests/jobs open</p>` +
-    `<figure>${chart(snapshot)}<figcaption>Last ${esc(formatDuration(snapshot.windowMs))}` +
+    `<figure>${chart(snapshot)}<figcaption>Last ${esc(spanLabel(snapshot.at - chartStart(snapshot)))}` +
     `${last ? '' : ' (no samples yet)'}: connections in use (blue), requests waiting (orange), pool size (dashed).` +
     '</figcaption></figure>' +
     `<h2>Who holds the connections (${snapshot.holders.length})</h2>${holderRows(snapshot)}` +
