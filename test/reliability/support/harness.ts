@@ -14,8 +14,13 @@ export interface Harness {
   pool: pg.Pool
   scope: Scope<pg.PoolClient>
   db: ScopedPool
-  /** Errors the scope reported to onError (hooks, failed releases, …), with what it was doing. */
-  reported: { during: string; error: unknown }[]
+  /**
+   * Errors the scope reported to onError (failed commits, hooks, releases), as text: the first
+   * 50, and a count. Never the errors themselves: their stacks keep requests, responses and
+   * sessions alive, which the soak's heap measurement would count as a leak.
+   */
+  reported: { during: string; message: string }[]
+  reportedCount(): number
   warnings: string[]
   close(): Promise<void>
 }
@@ -40,6 +45,12 @@ export async function harness(
     ...opts.pool,
   })
   const reported: Harness['reported'] = []
+  let reportedCount = 0
+  const report = (during: string, error: unknown) => {
+    reportedCount++
+    if (reported.length < 50)
+      reported.push({ during, message: String((error as Error)?.message ?? error) })
+  }
   const warnings: string[] = []
   const scope = createScope({
     driver: pgDriver(pool, { onIdleError: () => {}, ...opts.driver }),
@@ -47,16 +58,12 @@ export async function harness(
     default: false,
     acquireTimeoutMs: 10_000,
     leakDetectionMs: 0,
-    onError: (error, { during }) => {
-      reported.push({ error, during })
-    },
+    onError: (error, { during }) => report(during, error),
     logger: {
       warn: (m) => {
         warnings.push(m)
       },
-      error: (m, e) => {
-        reported.push({ during: m, error: e })
-      },
+      error: (m, e) => report(m, e),
     },
     ...opts.scope,
   })
@@ -66,6 +73,7 @@ export async function harness(
     scope,
     db: scopedPool(scope),
     reported,
+    reportedCount: () => reportedCount,
     warnings,
     close: () => scope.close({ timeoutMs: 5_000 }),
   }
