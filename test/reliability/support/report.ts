@@ -141,7 +141,9 @@ function document(rows: Row[], m: Mode): string {
     '"connections leaked" adds up connections still checked out, sessions still holding one, scopes still open, ' +
       'waiters, and backends `idle in transaction` after the scenario settled. "units lost or half-applied" adds up ' +
       'requests answered 2xx/4xx whose unit is not committed, committed units whose request was not answered 2xx/4xx, ' +
-      'and units with only one of their two rows. Both must be 0.',
+      "units with only one of their two rows, and units where the database and the app's afterCommit disagree. " +
+      'Both must be 0. A request whose client left while its COMMIT was on the wire is counted as answered ' +
+      '("lost in flight after COMMIT"): the unit is saved and the response was on its way.',
     '',
     tableOf(rows),
     '',
