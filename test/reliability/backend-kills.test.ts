@@ -14,7 +14,11 @@ describe.each(adapters)('backend kills through %s', (adapter) => {
   it(
     `${total} requests while pg_terminate_backend hits a random in-use backend every 100 ms`,
     () =>
-      soak(adapter, { total, kills: { everyMs: 100 }, maxHeapPerK: size(1024 * 1024, 32 * 1024) }),
+      soak(adapter, {
+        total,
+        kills: { everyMs: 100 },
+        maxHeapPerK: size(8 * 1024 * 1024, 32 * 1024),
+      }),
     size(120_000, 1_800_000),
   )
 })

@@ -41,7 +41,7 @@ describe.each(adapters)('through PgBouncer (transaction pooling): %s', (adapter)
         checkUrl: withDatabase(serverUrl(), db),
         scenario: 'pgbouncer',
         via: `through ${bouncer.version}, pool_mode = transaction, default_pool_size 10 (app pool 16)`,
-        maxHeapPerK: size(1024 * 1024, 64 * 1024),
+        maxHeapPerK: size(8 * 1024 * 1024, 64 * 1024),
       })
       // The traffic went through PgBouncer: its server connections (at most 10) stay open after
       // the app closed its pool; direct connections would have closed with it.

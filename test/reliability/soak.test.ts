@@ -12,7 +12,7 @@ describe.each(adapters)('soak through %s', (adapter) => {
   const total = size(1_500, 100_000)
   it(
     `${total} requests, 64 connections: nothing checked out or idle in transaction, commits = 2xx/4xx answers, heap flat`,
-    () => soak(adapter, { total, maxHeapPerK: size(1024 * 1024, 16 * 1024) }),
+    () => soak(adapter, { total, maxHeapPerK: size(8 * 1024 * 1024, 16 * 1024) }),
     size(120_000, 1_800_000),
   )
 })

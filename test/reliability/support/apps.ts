@@ -135,7 +135,7 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
       opts.onError?.(c.req.param('id') ?? '', err)
       return err instanceof HTTPException ? err.getResponse() : c.json(failureBody(err), 500)
     })
-    app.use(scopedSession('hono', opts.scope))
+    app.use(honoSession(opts.scope, { cancelOnAbort: true }))
     app.use('/unit/timeout/*', timeout(timeoutMs))
     app.post('/unit/:kind/:id', async (c) => {
       const status = await unit(
@@ -207,10 +207,6 @@ export async function startApp(adapter: Adapter, opts: AppOptions): Promise<Runn
     const s = app.listen(0, '127.0.0.1', () => resolve(s))
   })
   return wrap(adapter, server, (server.address() as AddressInfo).port)
-}
-
-function scopedSession(_: 'hono', scope: Scope<pg.PoolClient>) {
-  return honoSession(scope, { cancelOnAbort: true })
 }
 
 function wrap(
