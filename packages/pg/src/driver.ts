@@ -185,33 +185,67 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     return state
   }
 
-  const acquire = async (signal: AbortSignal): Promise<pg.PoolClient> => {
-    // A client that fails validation is destroyed and another is tried; bounded by the pool size.
+  const ended = () =>
+    // pg would say "Cannot use a pool after calling end on the pool"; say which pool and why.
+    new Error(
+      'pgDriver: the pool has ended (pool.end() was called on it, or its scope was closed), so no ' +
+        'connection can be checked out. Fix: end the pool only through scope.close(), after the last request.',
+    )
+
+  /** A tracked client that neither failed nor sat idle past validateIdleMs: hand it out as is. */
+  const ready = (state: ClientState): boolean =>
+    !state.error &&
+    !(
+      validateIdleMs > 0 &&
+      state.releasedAt > 0 &&
+      performance.now() - state.releasedAt > validateIdleMs
+    )
+
+  /**
+   * The checkout in one promise: pg-pool's callback API (its promise API adds two more), and
+   * the usual client, fresh or recently used, goes out at once. One that failed or needs
+   * validation takes the slow path below.
+   */
+  const acquire = (signal: AbortSignal): Promise<pg.PoolClient> => {
+    if (signal.aborted) return Promise.reject(signal.reason)
+    if (isEnded(pool)) return Promise.reject(ended())
+    return new Promise((resolve, reject) => {
+      pool.connect((err, client) => {
+        if (err || !client) {
+          reject(err ?? new Error('pgDriver: pool.connect() gave neither a client nor an error'))
+          return
+        }
+        if (ready(track(client))) resolve(client)
+        else resolve(acquireSlowly(signal, client))
+      })
+    })
+  }
+
+  /** Validate `first`, and go on checking clients out until one is fit; bounded by the pool size. */
+  const acquireSlowly = async (
+    signal: AbortSignal,
+    first: pg.PoolClient,
+  ): Promise<pg.PoolClient> => {
     const attempts = (pool.options?.max ?? 10) + 1
+    let client: pg.PoolClient | undefined = first
     for (let i = 0; ; i++) {
-      signal.throwIfAborted()
-      if (isEnded(pool)) {
-        // pg would say "Cannot use a pool after calling end on the pool"; say which pool and why.
-        throw new Error(
-          'pgDriver: the pool has ended (pool.end() was called on it, or its scope was closed), so no ' +
-            'connection can be checked out. Fix: end the pool only through scope.close(), after the last request.',
-        )
+      if (client === undefined) {
+        signal.throwIfAborted()
+        if (isEnded(pool)) throw ended()
+        client = await pool.connect()
       }
-      const client = await pool.connect()
       const state = track(client)
       if (state.error) {
         client.release(state.error)
+        client = undefined
         continue
       }
-      if (
-        validateIdleMs > 0 &&
-        state.releasedAt > 0 &&
-        performance.now() - state.releasedAt > validateIdleMs
-      ) {
+      if (!ready(state)) {
         try {
           await client.query('SELECT 1')
         } catch (err) {
           client.release(err instanceof Error ? err : true)
+          client = undefined
           if (i + 1 >= attempts) throw err
           continue
         }
