@@ -161,8 +161,6 @@ export class OpenScope<C> {
   /** `request`, `job` or `scope`: how error messages speak of it. */
   readonly kind: string
   /** @internal */ aborted: ScopeAbortedError | undefined
-  /** @internal Called once when the scope aborts (pending checkouts listen). */
-  readonly onAbort = new Set<() => void>()
 
   #scope: ScopeImpl<C>
   #mode: TransactionMode
@@ -173,6 +171,8 @@ export class OpenScope<C> {
   #controller: AbortController | undefined
   #external: AbortSignal | undefined
   #onExternal: (() => void) | undefined
+  /** Called once when the scope aborts: pending checkouts stop waiting. Made when first needed. */
+  #abortWaiters: Set<() => void> | undefined
 
   /** @internal */
   constructor(scope: ScopeImpl<C>, opts: RunOptions & { kind?: string }, name: string) {
@@ -204,6 +204,17 @@ export class OpenScope<C> {
       if (this.aborted) this.#controller.abort(this.aborted)
     }
     return this.#controller.signal
+  }
+
+  /** @internal A pending checkout stops waiting when the scope aborts. */
+  addAbortWaiter(fn: () => void): void {
+    this.#abortWaiters ??= new Set()
+    this.#abortWaiters.add(fn)
+  }
+
+  /** @internal */
+  removeAbortWaiter(fn: () => void): void {
+    this.#abortWaiters?.delete(fn)
   }
 
   /** The current session, made on first use; after `remove()`, a new one. */
@@ -251,7 +262,7 @@ export class OpenScope<C> {
     if (this.aborted || this.#ended || this.#ending) return
     this.aborted = new ScopeAbortedError(this.name, kind, opts.detail)
     this.#controller?.abort(this.aborted)
-    for (const fn of this.onAbort) fn()
+    if (this.#abortWaiters) for (const fn of this.#abortWaiters) fn()
     this.#session?.onAbort(opts.cancel ?? false)
   }
 

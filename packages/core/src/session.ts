@@ -366,8 +366,10 @@ export class Session<C = unknown> {
   }
 
   #prepare(): Promise<C> {
-    // 'none' shares the checkout's own promise: one promise less on every first statement.
-    return this.#setReady(this.#mode === 'auto' ? this.#openUnit() : this.#checkout())
+    if (this.#mode === 'auto') return this.#setReady(this.#openUnit())
+    // 'none' needs no cached `ready`: the checkout itself is shared by concurrent first uses,
+    // and a held connection is at hand. One promise less on every first statement.
+    return this.#checkout()
   }
 
   /** Checkout, then (unless a transaction was opened meanwhile) the unit of work's BEGIN. */
@@ -427,29 +429,107 @@ export class Session<C = unknown> {
     if (core.ended) {
       return Promise.reject(new ScopeClosedError(core.name, `Session '${this.name}' checkout`))
     }
+    // Asked for nothing: the driver is not called for a frame that is already over.
+    if (this.#frame.aborted) return Promise.reject(this.#frame.aborted)
     // Captured synchronously, while the caller's frames are still on the stack.
     if (core.options.captureStacks) this.#acquireSite = captureStack('acquired here')
     this.#to('acquire')
-    this.#acquiring = this.#acquire(performance.now())
-    return this.#acquiring
+    const acquiring = this.#acquire(performance.now())
+    // A driver that threw at once has already put the phase back to idle: nothing to share.
+    if (this.#phase === 'acquiring') this.#acquiring = acquiring
+    return acquiring
   }
 
-  async #acquire(started: number): Promise<C> {
+  /**
+   * The driver's checkout, raced against the acquire timeout and the frame's
+   * abort. Either one stops the wait at once; a connection the driver delivers
+   * after that goes straight back, never leaked. When the promise resolves the
+   * connection is the session's (phase, deadlines, stats). One promise of our
+   * own per checkout: each one costs more on Node 20 once an AsyncLocalStorage
+   * is active. The driver's signal comes from a free list (see
+   * `ScopeCore.signal`): making an AbortSignal per checkout was the costliest
+   * step of a request on Node 20.
+   */
+  #acquire(started: number): Promise<C> {
     const core = this.#core
-    let conn: C
-    try {
-      conn = await this.#race(started)
-    } catch (e) {
-      this.#acquiring = undefined
-      if (this.#phase === 'acquiring') this.#to('acquireFailed')
-      throw e
-    }
-    this.#acquiring = undefined
-    if (this.#phase !== 'acquiring') {
-      // The session was closed while we waited (close() of an untracked connection() call).
-      core.giveBack(conn)
-      throw this.#closedError('connection()')
-    }
+    const frame = this.#frame
+    const ac = core.signal()
+    core.waiting++
+    return new Promise<C>((resolve, reject) => {
+      let done = false
+      const stop = () => {
+        done = true
+        deadline.cancel()
+        frame.removeAbortWaiter(onFrameAbort)
+        core.waiting--
+        this.#acquiring = undefined
+      }
+      const fail = (reason: unknown) => {
+        if (this.#phase === 'acquiring') this.#to('acquireFailed')
+        reject(reason)
+      }
+      const giveUp = (reason: unknown) => {
+        if (done) return
+        stop()
+        ac.abort(reason)
+        fail(reason)
+      }
+      const deadline = core.deadlines.acquire.add(started, () => {
+        core.timeouts++
+        const err = core.poolTimeout(this.name)
+        if (channels.timeout.hasSubscribers) {
+          const waitMs = performance.now() - started
+          channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
+        }
+        giveUp(err)
+      })
+      const onFrameAbort = () => giveUp(frame.aborted)
+      frame.addAbortWaiter(onFrameAbort)
+      let pending: Promise<C>
+      try {
+        pending = core.driver.acquire(ac.signal)
+      } catch (e) {
+        stop()
+        core.recycle(ac)
+        fail(e)
+        return
+      }
+      pending.then(
+        (conn) => {
+          if (done) {
+            // The driver delivered after we gave up: straight back, never leaked.
+            core.giveBack(conn)
+            return
+          }
+          stop()
+          core.recycle(ac)
+          if (this.#phase !== 'acquiring') {
+            // The session was closed while we waited (close() of an untracked connection() call).
+            core.giveBack(conn)
+            reject(this.#closedError('connection()'))
+            return
+          }
+          try {
+            this.#acquired(conn, started)
+          } catch (e) {
+            reject(e)
+            return
+          }
+          resolve(conn)
+        },
+        (e) => {
+          if (done) return
+          stop()
+          core.recycle(ac)
+          fail(e)
+        },
+      )
+    })
+  }
+
+  /** The connection is ours: hold it, arm the leak and hold deadlines, count it. */
+  #acquired(conn: C, started: number): void {
+    const core = this.#core
     this.#conn = conn
     this.#heldSince = performance.now()
     this.#to('acquired')
@@ -464,76 +544,6 @@ export class Session<C = unknown> {
         )
       })
     }
-    return conn
-  }
-
-  /**
-   * The driver's checkout, raced against the acquire timeout and the frame's
-   * abort. Either one stops the wait at once; a connection the driver delivers
-   * after that goes straight back, never leaked. The driver's signal comes from
-   * a free list (see `ScopeCore.signal`): making an AbortSignal per checkout
-   * was the costliest step of a request on Node 20.
-   */
-  #race(started: number): Promise<C> {
-    const core = this.#core
-    const frame = this.#frame
-    // Asked for nothing: the driver is not called for a frame that is already over.
-    if (frame.aborted) return Promise.reject(frame.aborted)
-    const ac = core.signal()
-    core.waiting++
-    return new Promise<C>((resolve, reject) => {
-      let done = false
-      const stop = () => {
-        done = true
-        deadline.cancel()
-        frame.onAbort.delete(onFrameAbort)
-        core.waiting--
-      }
-      const giveUp = (reason: unknown) => {
-        if (done) return
-        stop()
-        ac.abort(reason)
-        reject(reason)
-      }
-      const deadline = core.deadlines.acquire.add(started, () => {
-        core.timeouts++
-        const err = core.poolTimeout(this.name)
-        if (channels.timeout.hasSubscribers) {
-          const waitMs = performance.now() - started
-          channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
-        }
-        giveUp(err)
-      })
-      const onFrameAbort = () => giveUp(frame.aborted)
-      frame.onAbort.add(onFrameAbort)
-      let pending: Promise<C>
-      try {
-        pending = core.driver.acquire(ac.signal)
-      } catch (e) {
-        stop()
-        core.recycle(ac)
-        reject(e)
-        return
-      }
-      pending.then(
-        (conn) => {
-          if (done) {
-            // The driver delivered after we gave up: straight back, never leaked.
-            core.giveBack(conn)
-            return
-          }
-          stop()
-          core.recycle(ac)
-          resolve(conn)
-        },
-        (e) => {
-          if (done) return
-          stop()
-          core.recycle(ac)
-          reject(e)
-        },
-      )
-    })
   }
 
   async #begin(opts: TxOptions, explicit: boolean): Promise<void> {
