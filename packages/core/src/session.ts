@@ -104,6 +104,8 @@ export class Session<C = unknown> {
   #leakDeadline: Deadline | undefined
   #holdDeadline: Deadline | undefined
   #closing: Promise<SessionOutcome> | undefined
+  /** Closed by closeNow(): `#closing` is made only if someone asks for it. */
+  #closedNow = false
   #outcome: SessionOutcome | undefined
   #closedHow = ''
   #forced = false
@@ -303,10 +305,38 @@ export class Session<C = unknown> {
    */
   close(opts: { commit?: boolean } = {}): Promise<SessionOutcome> {
     if (this.#closing) return this.#closing
+    if (this.#closedNow) {
+      this.#closing = Promise.resolve(this.#outcome!)
+      return this.#closing
+    }
     const commit = opts.commit ?? true
+    const outcome = this.closeNow(commit)
+    if (outcome !== undefined) {
+      this.#closing = Promise.resolve(outcome)
+      return this.#closing
+    }
     this.#closeRequested = true
     this.#closing = this.#close(commit)
     return this.#closing
+  }
+
+  /**
+   * @internal `close()` at once, when there is nothing to wait for: no tracked
+   * use running, no transaction to end, no hooks to run. Returns the outcome,
+   * or undefined (and does nothing) when the caller must await `close()`. A
+   * scope that never queried, or ran autocommit statements only, ends without
+   * a promise of its own.
+   */
+  closeNow(commit: boolean): SessionOutcome | undefined {
+    if (this.#closing || this.#closedNow) return undefined
+    if (this.#inFlight > 0 || this.#tx.length > 0 || this.#began || this.#pending) return undefined
+    this.#closeRequested = true
+    this.#closedNow = true
+    this.#clearTimers()
+    if (this.#phase === 'closed') return this.#outcome! // force-released earlier
+    const conn = this.#conn
+    const wantCommit = this.#startClose(commit)
+    return this.#finishClose(conn, wantCommit, undefined)
   }
 
   /** @internal A holder row for `scope.holders()`, or undefined when no connection is held. */
@@ -767,11 +797,8 @@ export class Session<C = unknown> {
     }
     this.#clearTimers()
     if (this.#phase === 'closed') return this.#outcome! // force-released while we waited
-    this.#to('close')
-    const wantCommit = commit && !this.#rollbackOnly && !this.#frame.aborted
     const conn = this.#conn
-    this.#closedHow = `it was closed when its ${this.#frame.kind} ended`
-    this.#noteClosedAt()
+    const wantCommit = this.#startClose(commit)
     let failure: unknown
     // A pipelined BEGIN still counts while its outcome is unknown (or failed unseen).
     if (this.#tx.length > 0 || this.#began) {
@@ -783,7 +810,19 @@ export class Session<C = unknown> {
     } else if (this.#pending) {
       await this.#endEmptyUnit(wantCommit)
     }
-    // (Without a transaction or hooks there is nothing to wait for: release in this same turn.)
+    return this.#finishClose(conn, wantCommit, failure)
+  }
+
+  /** Into 'closing': whether the unit of work is to commit. */
+  #startClose(commit: boolean): boolean {
+    this.#to('close')
+    this.#closedHow = `it was closed when its ${this.#frame.kind} ended`
+    this.#noteClosedAt()
+    return commit && !this.#rollbackOnly && !this.#frame.aborted
+  }
+
+  /** The transaction (if any) has ended: release the connection, into 'closed'. */
+  #finishClose(conn: C | undefined, wantCommit: boolean, failure: unknown): SessionOutcome {
     const committed = wantCommit && failure === undefined
     const destroy = this.#broken !== undefined || this.#dirty
     this.#outcome = destroy
