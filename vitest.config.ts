@@ -4,13 +4,16 @@ import { defineConfig } from 'vitest/config'
 const src = (pkg: string, file = 'index.ts') =>
   fileURLToPath(new URL(`./packages/${pkg}/src/${file}`, import.meta.url))
 
-// Tests import the packages' TypeScript sources directly, so `pnpm test`
-// needs no build step; `.ci/run` builds and checks the published shape separately.
+// Tests import the packages' TypeScript sources directly, so vitest itself
+// needs no build; `pnpm test` builds first only for test/publish (the published shape).
 export const alias = [
   { find: /^@scoped\/core\/testing$/, replacement: src('core', 'testing/index.ts') },
   { find: /^@scoped\/core\/otel$/, replacement: src('core', 'otel/index.ts') },
   { find: /^@scoped\/core\/page$/, replacement: src('core', 'page/index.ts') },
-  { find: /^@scoped\/(core|pg|kysely|hono|fastify|express|typeorm|mikro-orm|drizzle)$/, replacement: src('$1') },
+  {
+    find: /^@scoped\/(core|pg|kysely|hono|fastify|express|typeorm|mikro-orm|drizzle)$/,
+    replacement: src('$1'),
+  },
 ]
 
 export default defineConfig({

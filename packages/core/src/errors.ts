@@ -3,8 +3,9 @@
  * match on, and a message that says what happened, to which session, and
  * how to fix it.
  */
-import type { Holder } from './holders.js'
+
 import type { PoolStats } from './driver.js'
+import type { Holder } from './holders.js'
 
 export type ScopedErrorCode =
   | 'NO_ACTIVE_SCOPE'
@@ -54,7 +55,9 @@ export class SessionClosedError extends ScopedError {
         'Work that outlives its request or job (a promise nobody awaited, a session kept in ' +
         'module scope) must not use it. Fix: await the work inside the handler, or run ' +
         'background work in its own runJob(...).' +
-        (closedAt ? `\nClosed at:\n${closedAt}` : ' (set captureStacks: true to see where it was closed)'),
+        (closedAt
+          ? `\nClosed at:\n${closedAt}`
+          : ' (set captureStacks: true to see where it was closed)'),
     )
     this.sessionId = session.id
     this.sessionName = session.name
@@ -112,7 +115,12 @@ export type AbortKind = 'client-abort' | 'timeout' | 'signal' | 'shutdown'
 /** The request or job was aborted (client went away, timeout, signal); its unit of work rolls back. */
 export class ScopeAbortedError extends ScopedError {
   readonly kind: AbortKind
-  constructor(sessionName: string, kind: AbortKind, detail?: string, options?: { cause?: unknown }) {
+  constructor(
+    sessionName: string,
+    kind: AbortKind,
+    detail?: string,
+    options?: { cause?: unknown },
+  ) {
     const why: Record<AbortKind, string> = {
       'client-abort': 'the client closed the connection',
       timeout: 'it ran past its time limit',

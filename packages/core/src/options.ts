@@ -74,36 +74,49 @@ function duration(opts: Record<string, unknown>, key: string, dflt: number, min:
 function flag(opts: Record<string, unknown>, key: string, dflt: boolean): boolean {
   const v = opts[key]
   if (v === undefined) return dflt
-  if (typeof v !== 'boolean') throw new TypeError(`createScope({ ${key} }): expected a boolean, got ${describe(v)}`)
+  if (typeof v !== 'boolean')
+    throw new TypeError(`createScope({ ${key} }): expected a boolean, got ${describe(v)}`)
   return v
 }
 
 /** Check every option and fill in defaults; a wrong one is a TypeError naming it, before anything starts. */
 export function resolveOptions<C>(options: ScopeOptions<C>): ResolvedOptions {
   if (typeof options !== 'object' || options === null) {
-    throw new TypeError(`createScope(options): expected an object with a driver, got ${describe(options)}`)
+    throw new TypeError(
+      `createScope(options): expected an object with a driver, got ${describe(options)}`,
+    )
   }
   const o = options as unknown as Record<string, unknown>
   for (const key of Object.keys(o)) {
     if (!known.has(key)) {
-      throw new TypeError(`createScope({ ${key} }): unknown option. Known options: ${[...known].join(', ')}`)
+      throw new TypeError(
+        `createScope({ ${key} }): unknown option. Known options: ${[...known].join(', ')}`,
+      )
     }
   }
   const driver = options.driver as unknown as Record<string, unknown> | undefined
   if (typeof driver !== 'object' || driver === null) {
-    throw new TypeError(`createScope({ driver }): expected a Driver object, got ${describe(driver)}`)
+    throw new TypeError(
+      `createScope({ driver }): expected a Driver object, got ${describe(driver)}`,
+    )
   }
   for (const fn of ['acquire', 'release']) {
     if (typeof driver[fn] !== 'function') {
-      throw new TypeError(`createScope({ driver }): driver.${fn} must be a function, got ${describe(driver[fn])}`)
+      throw new TypeError(
+        `createScope({ driver }): driver.${fn} must be a function, got ${describe(driver[fn])}`,
+      )
     }
   }
   if (typeof driver.name !== 'string' || driver.name === '') {
-    throw new TypeError(`createScope({ driver }): driver.name must be a non-empty string, got ${describe(driver.name)}`)
+    throw new TypeError(
+      `createScope({ driver }): driver.name must be a non-empty string, got ${describe(driver.name)}`,
+    )
   }
   const transaction = o.transaction ?? 'auto'
   if (transaction !== 'auto' && transaction !== 'none') {
-    throw new TypeError(`createScope({ transaction }): expected 'auto' or 'none', got ${describe(transaction)}`)
+    throw new TypeError(
+      `createScope({ transaction }): expected 'auto' or 'none', got ${describe(transaction)}`,
+    )
   }
   if (transaction === 'auto') {
     for (const fn of ['begin', 'commit', 'rollback']) {

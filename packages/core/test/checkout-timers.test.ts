@@ -140,10 +140,9 @@ describe('deadlines (one timer per kind, shared by the sessions of a scope)', ()
     const driver = new SignalDriver()
     const scope = make(driver, { leakDetectionMs: 30, logger })
     await scope.run(() => scope.getSession().use(async () => 1), { name: 'quick' })
-    await scope.run(
-      () => scope.getSession().use(() => new Promise((r) => setTimeout(r, 90))),
-      { name: 'slow' },
-    )
+    await scope.run(() => scope.getSession().use(() => new Promise((r) => setTimeout(r, 90))), {
+      name: 'slow',
+    })
     await scope.run(() => scope.getSession().use(async () => 1), { name: 'quick-again' })
     await new Promise((r) => setTimeout(r, 50))
     expect(warnings).toHaveLength(1)

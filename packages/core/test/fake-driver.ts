@@ -28,7 +28,13 @@ export class FakeDriver implements Driver<FakeConn> {
   readonly conns: FakeConn[] = []
   readonly events: string[] = []
   /** Each release: which connection, destroyed or not, and whether a use was running. */
-  readonly releases: { id: number; destroy: boolean; busy: number; status: string; marked: boolean }[] = []
+  readonly releases: {
+    id: number
+    destroy: boolean
+    busy: number
+    status: string
+    marked: boolean
+  }[] = []
   ended = false
   #idle: FakeConn[] = []
   #waiters: ((c: FakeConn) => void)[] = []
@@ -67,7 +73,9 @@ export class FakeDriver implements Driver<FakeConn> {
   async acquire(signal: AbortSignal): Promise<FakeConn> {
     this.events.push('acquire')
     await this.#step('acquire')
-    const conn = this.#idle.pop() ?? (this.conns.filter((c) => !c.destroyed).length < this.max ? this.#make() : undefined)
+    const conn =
+      this.#idle.pop() ??
+      (this.conns.filter((c) => !c.destroyed).length < this.max ? this.#make() : undefined)
     if (conn) return this.#checkout(conn)
     return new Promise<FakeConn>((resolve, reject) => {
       const waiter = (c: FakeConn) => resolve(this.#checkout(c))
@@ -105,7 +113,13 @@ export class FakeDriver implements Driver<FakeConn> {
   release(conn: FakeConn, { destroy }: ReleaseOptions): void {
     this.events.push(destroy ? 'destroy' : 'release')
     if (!conn.out) throw new Error(`fake: connection ${conn.id} released twice`)
-    this.releases.push({ id: conn.id, destroy, busy: conn.busy, status: conn.status, marked: conn.marked })
+    this.releases.push({
+      id: conn.id,
+      destroy,
+      busy: conn.busy,
+      status: conn.status,
+      marked: conn.marked,
+    })
     conn.out = false
     if (destroy || conn.status !== 'I') {
       conn.destroyed = true
@@ -180,7 +194,11 @@ export class FakeDriver implements Driver<FakeConn> {
   }
 
   /** A statement: marks the connection busy while it runs; `fail` puts the transaction in 'E'. */
-  async query(conn: FakeConn, sql: string, opts: { ms?: number; fail?: unknown } = {}): Promise<string> {
+  async query(
+    conn: FakeConn,
+    sql: string,
+    opts: { ms?: number; fail?: unknown } = {},
+  ): Promise<string> {
     if (!conn.out) throw new Error(`fake: query on connection ${conn.id}, which is not checked out`)
     conn.busy++
     try {

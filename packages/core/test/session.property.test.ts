@@ -28,7 +28,10 @@ const leaf = fc.oneof(
   { weight: 4, arbitrary: fc.constant<Op>({ kind: 'use' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'useFail' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'useFatal' }) },
-  { weight: 2, arbitrary: fc.integer({ min: 0, max: 5 }).map<Op>((ms) => ({ kind: 'background', ms })) },
+  {
+    weight: 2,
+    arbitrary: fc.integer({ min: 0, max: 5 }).map<Op>((ms) => ({ kind: 'background', ms })),
+  },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'commit' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'rollback' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'rollbackOnly' }) },
@@ -144,7 +147,9 @@ describe('session lifecycle (property)', () => {
                 () => undefined,
                 (e: unknown) => e,
               )
-              expect(err instanceof SessionClosedError || err instanceof ScopeAbortedError).toBe(true)
+              expect(err instanceof SessionClosedError || err instanceof ScopeAbortedError).toBe(
+                true,
+              )
             }
             expect(() => s.afterCommit(() => {})).toThrow()
           }

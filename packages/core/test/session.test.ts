@@ -3,9 +3,9 @@ import {
   createScope,
   NoActiveScopeError,
   PoolTimeoutError,
+  type Scope,
   ScopeAbortedError,
   ScopeClosedError,
-  type Scope,
   SessionClosedError,
   TransactionStateError,
 } from '../src/index.ts'
@@ -21,8 +21,12 @@ afterEach(async () => {
   await Promise.all(scopes.splice(0).map((s) => s.close({ timeoutMs: 100 })))
 })
 
-const q = (scope: Scope<FakeConn>, driver: FakeDriver, sql: string, o?: { ms?: number; fail?: unknown }) =>
-  scope.getSession().use((c) => driver.query(c, sql, o))
+const q = (
+  scope: Scope<FakeConn>,
+  driver: FakeDriver,
+  sql: string,
+  o?: { ms?: number; fail?: unknown },
+) => scope.getSession().use((c) => driver.query(c, sql, o))
 
 describe('lazy checkout', () => {
   it('a scope that never touches the database checks out nothing', async () => {
@@ -53,7 +57,9 @@ describe('unit of work (auto)', () => {
     const r = await scope.run(async () => q(scope, driver, 'INSERT'))
     expect(r).toBe('INSERT')
     expect(driver.conns[0]!.log).toEqual(['BEGIN', 'INSERT', 'COMMIT'])
-    expect(driver.releases).toEqual([{ id: 1, destroy: false, busy: 0, status: 'I', marked: false }])
+    expect(driver.releases).toEqual([
+      { id: 1, destroy: false, busy: 0, status: 'I', marked: false },
+    ])
     expect(scope.stats().totals).toMatchObject({ committed: 1, rolledBack: 0, acquired: 1 })
   })
 
@@ -104,7 +110,9 @@ describe('unit of work (auto)', () => {
   it('a failed COMMIT rejects the scope and counts a rollback', async () => {
     const { driver, scope } = make()
     driver.failNext('commit', new Error('deferred constraint'))
-    await expect(scope.run(async () => q(scope, driver, 'INSERT'))).rejects.toThrow('deferred constraint')
+    await expect(scope.run(async () => q(scope, driver, 'INSERT'))).rejects.toThrow(
+      'deferred constraint',
+    )
     expect(scope.stats().totals).toMatchObject({ committed: 0, rolledBack: 1 })
     expect(driver.checkedOut).toBe(0)
   })
@@ -405,7 +413,10 @@ describe('pool limits', () => {
     expect(msg).toMatch(/2\/2 in use/)
     expect(msg).toMatch(/'GET \/a'.*held \d+ ms, in-transaction, acquired at .*session\.test\.ts/)
     expect(msg).toMatch(/'job:sync'/)
-    expect((err as PoolTimeoutError).holders.map((h) => h.name).sort()).toEqual(['GET /a', 'job:sync'])
+    expect((err as PoolTimeoutError).holders.map((h) => h.name).sort()).toEqual([
+      'GET /a',
+      'job:sync',
+    ])
     expect(scope.stats().totals.timeouts).toBe(1)
     release()
     await Promise.all(holders)
@@ -415,7 +426,9 @@ describe('pool limits', () => {
   it('a connection delivered after the waiter gave up goes straight back to the pool', async () => {
     const { driver, scope } = make(new FakeDriver(1), { acquireTimeoutMs: 20 })
     driver.delay('acquire', 60) // a driver that cannot cancel its checkout
-    await expect(scope.run(async () => q(scope, driver, 'x'))).rejects.toBeInstanceOf(PoolTimeoutError)
+    await expect(scope.run(async () => q(scope, driver, 'x'))).rejects.toBeInstanceOf(
+      PoolTimeoutError,
+    )
     await new Promise((r) => setTimeout(r, 80))
     expect(driver.checkedOut).toBe(0)
     expect(driver.releases).toHaveLength(1)
@@ -436,7 +449,9 @@ describe('pool limits', () => {
       { name: 'GET /slow' },
     )
     expect(warn).toHaveBeenCalledTimes(1)
-    expect(warn.mock.calls[0]![0]).toMatch(/Possible connection leak: session 'GET \/slow'.*Acquired at:\n.*session\.test\.ts/s)
+    expect(warn.mock.calls[0]![0]).toMatch(
+      /Possible connection leak: session 'GET \/slow'.*Acquired at:\n.*session\.test\.ts/s,
+    )
     expect(scope.stats().totals.leaks).toBe(1)
   })
 
@@ -453,7 +468,9 @@ describe('pool limits', () => {
       )
       .catch((e: unknown) => e)
     expect(err).toBeInstanceOf(SessionClosedError)
-    expect((err as Error).message).toMatch(/GET \/hung.*destroyed after being held 20 ms \(maxHoldMs\)/)
+    expect((err as Error).message).toMatch(
+      /GET \/hung.*destroyed after being held 20 ms \(maxHoldMs\)/,
+    )
     expect(driver.releases).toEqual([{ id: 1, destroy: true, busy: 0, status: 'T', marked: false }])
     expect(scope.stats().totals.forced).toBe(1)
   })
@@ -592,7 +609,9 @@ describe('loop', () => {
 
   it('requires a signal', async () => {
     const { scope } = make()
-    await expect(scope.loop(async () => {}, {} as never)).rejects.toThrow(/loop\(fn, \{ signal \}\)/)
+    await expect(scope.loop(async () => {}, {} as never)).rejects.toThrow(
+      /loop\(fn, \{ signal \}\)/,
+    )
   })
 })
 
@@ -615,7 +634,10 @@ describe('bad options', () => {
 
   it('a driver missing acquire', () => {
     const { acquire: _, ...rest } = Object.fromEntries(
-      Object.entries(Object.getOwnPropertyDescriptors(FakeDriver.prototype)).map(([k]) => [k, () => {}]),
+      Object.entries(Object.getOwnPropertyDescriptors(FakeDriver.prototype)).map(([k]) => [
+        k,
+        () => {},
+      ]),
     )
     expect(() => createScope({ driver: { ...rest, name: 'x' } as never, default: false })).toThrow(
       /driver\.acquire must be a function/,
@@ -624,7 +646,9 @@ describe('bad options', () => {
 
   it("transaction: 'auto' with a driver that cannot begin", () => {
     const driver = { name: 'bare', acquire: async () => ({}), release: () => {} }
-    expect(() => createScope({ driver, default: false })).toThrow(/has no begin\(\).*transaction: 'none'/)
+    expect(() => createScope({ driver, default: false })).toThrow(
+      /has no begin\(\).*transaction: 'none'/,
+    )
     expect(() => createScope({ driver, default: false, transaction: 'none' }).close()).not.toThrow()
   })
 

@@ -6,7 +6,13 @@ import { type FakeConn, FakeDriver } from './fake-driver.ts'
 const scopes: Scope<FakeConn>[] = []
 function make(opts: Record<string, unknown> = {}) {
   const driver = new FakeDriver()
-  const scope = createScope({ driver, default: false, leakDetectionMs: 0, captureStacks: true, ...opts })
+  const scope = createScope({
+    driver,
+    default: false,
+    leakDetectionMs: 0,
+    captureStacks: true,
+    ...opts,
+  })
   scopes.push(scope)
   return { driver, scope }
 }
@@ -71,7 +77,9 @@ describe('expectNoLeaks', () => {
     await open.enter(() => scope.getSession().use((c) => driver.query(c, 'q')))
     const err = await expectNoLeaks(scope, { timeoutMs: 30 }).catch((e: Error) => e)
     expect(err).toBeInstanceOf(Error)
-    expect((err as Error).message).toMatch(/still holds connections.*\n.*'GET \/leaky'.*in-transaction, acquired at .*testing\.test\.ts/)
+    expect((err as Error).message).toMatch(
+      /still holds connections.*\n.*'GET \/leaky'.*in-transaction, acquired at .*testing\.test\.ts/,
+    )
     setTimeout(() => void open.end({ commit: true }), 20)
     await expect(expectNoLeaks(scope, { timeoutMs: 1000 })).resolves.toBeUndefined()
   })

@@ -18,6 +18,8 @@ describe('Register augmentation', () => {
   })
 
   it('rejects a session typed with another connection type', async () => {
-    expect(await run('tsconfig.wrong.json')).toMatch(/register-wrong\.ts.*Type 'Session<FakeConn>' is not assignable to type 'Session<string>'/s)
+    expect(await run('tsconfig.wrong.json')).toMatch(
+      /register-wrong\.ts.*Type 'Session<FakeConn>' is not assignable to type 'Session<string>'/s,
+    )
   })
 })

@@ -31,7 +31,8 @@ export async function withRollback<C, T>(
   fn: () => Promise<T>,
   opts: { name?: string } = {},
 ): Promise<T> {
-  if (typeof fn !== 'function') throw new TypeError(`withRollback(scope, fn): fn must be a function, got ${typeof fn}`)
+  if (typeof fn !== 'function')
+    throw new TypeError(`withRollback(scope, fn): fn must be a function, got ${typeof fn}`)
   let result: T | undefined
   try {
     await scope.run(
@@ -80,7 +81,8 @@ function leakError(name: string, holders: Holder[], poolBusy: number, timeoutMs:
       `  - '${h.name}' (${h.id}) held ${h.heldMs} ms, ${h.state}${h.site ? `, acquired at ${h.site}` : ''}`,
   )
   const outside = poolBusy - holders.length
-  if (outside > 0) lines.push(`  - ${outside} connection(s) checked out of the pool outside any session`)
+  if (outside > 0)
+    lines.push(`  - ${outside} connection(s) checked out of the pool outside any session`)
   return new Error(
     `expectNoLeaks: scope '${name}' still holds connections after ${timeoutMs} ms:\n${lines.join('\n')}\n` +
       'Fix: await the work that uses them, or look at the acquisition sites above (captureStacks: true shows them).',
