@@ -12,7 +12,7 @@
  * declare module '@scoped/core' { interface Register { scope: typeof scope } }
  * ```
  */
-import type { LoopOptions, JobOptions, Scope } from './scope.js'
+import type { JobOptions, LoopOptions, Scope } from './scope.js'
 import { defaultScope } from './scope.js'
 import type { Session } from './session.js'
 

@@ -20,11 +20,14 @@ const CANCEL_DELAY_MS = 300
 let url: string
 let proxy: net.Server
 let proxyUrl: string
+const proxied = new Set<net.Socket>()
 
 /** Forwards to PostgreSQL; a connection whose first packet is a CancelRequest is held back first. */
 function startDelayingProxy(target: URL): Promise<void> {
   proxy = net.createServer((client) => {
     const upstream = net.connect(Number(target.port), target.hostname)
+    proxied.add(client)
+    client.on('close', () => proxied.delete(client))
     let first = true
     client.on('data', (chunk) => {
       // CancelRequest: length 16, code 80877102.
@@ -58,7 +61,7 @@ beforeAll(async () => {
 })
 
 afterAll(async () => {
-  proxy.closeAllConnections?.()
+  for (const socket of proxied) socket.destroy()
   await new Promise<void>((r) => proxy.close(() => r()))
 })
 
