@@ -3,8 +3,9 @@
  *
  *   const url = await testDatabase('pg_driver')   // a fresh, empty database
  */
-import { inject } from 'vitest'
+
 import pg from 'pg'
+import { inject } from 'vitest'
 
 export function serverUrl(): string {
   return inject('databaseUrl')

@@ -1,3 +1,24 @@
+export {
+  type DefaultConnection,
+  getDefaultScope,
+  getSession,
+  hasSession,
+  loop,
+  type Register,
+  remove,
+  runJob,
+} from './default-scope.js'
+export {
+  type AcquireMessage,
+  type CloseMessage,
+  type CommitMessage,
+  channels,
+  type ErrorMessage,
+  type LeakMessage,
+  type ReleaseMessage,
+  type RollbackMessage,
+  type TimeoutMessage,
+} from './diagnostics.js'
 export type {
   Driver,
   IsolationLevel,
@@ -29,30 +50,9 @@ export {
   type ScopeStats,
 } from './scope.js'
 export {
-  Session,
   type Hook,
+  Session,
   type SessionOutcome,
   type SessionState,
   type TransactionMode,
 } from './session.js'
-export {
-  type DefaultConnection,
-  getDefaultScope,
-  getSession,
-  hasSession,
-  loop,
-  type Register,
-  remove,
-  runJob,
-} from './default-scope.js'
-export {
-  type AcquireMessage,
-  type CloseMessage,
-  type CommitMessage,
-  channels,
-  type ErrorMessage,
-  type LeakMessage,
-  type ReleaseMessage,
-  type RollbackMessage,
-  type TimeoutMessage,
-} from './diagnostics.js'

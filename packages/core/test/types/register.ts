@@ -1,6 +1,6 @@
 // Compiled by types.test.ts with its own tsconfig: the augmentation below must not leak into other tests.
 import { createScope, getSession, type Session } from '../../src/index.ts'
-import { FakeDriver, type FakeConn } from '../fake-driver.ts'
+import { type FakeConn, FakeDriver } from '../fake-driver.ts'
 
 export const scope = createScope({ driver: new FakeDriver() })
 
