@@ -576,11 +576,14 @@ export class Session<C = unknown> {
     }
   }
 
-  async #begin(opts: TxOptions, explicit: boolean): Promise<void> {
+  /** BEGIN through the driver; the driver's promise itself, with the failure handled on it. */
+  #begin(opts: TxOptions, explicit: boolean): Promise<void> {
     const driver = this.#core.driver
     if (!driver.begin) {
-      throw new TransactionStateError(
-        `transaction() on session '${this.name}': driver '${driver.name}' has no begin(); it cannot run transactions.`,
+      return Promise.reject(
+        new TransactionStateError(
+          `transaction() on session '${this.name}': driver '${driver.name}' has no begin(); it cannot run transactions.`,
+        ),
       )
     }
     const conn = this.#conn as C
@@ -593,15 +596,20 @@ export class Session<C = unknown> {
     this.#pending = undefined
     // Pushed before BEGIN resolves, so concurrent first statements see the transaction.
     this.#tx.push(frame)
-    try {
-      await driver.begin(conn, opts, this)
-    } catch (e) {
+    const failed = (e: unknown): never => {
       this.#tx.length = 0
       this.#pending = frame
       this.#noteError(conn, e)
       this.#dirty = true
       throw e
     }
+    let began: Promise<void>
+    try {
+      began = Promise.resolve(driver.begin(conn, opts, this))
+    } catch (e) {
+      began = Promise.reject(e)
+    }
+    return began.then(undefined, failed)
   }
 
   async #outermost<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
