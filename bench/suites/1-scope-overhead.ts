@@ -56,7 +56,7 @@ export async function scopeOverhead(ctx: Context): Promise<SuiteResult> {
     const { groups } = runMicro(ctx, node)
     sections.push(`### Node ${version}\n`)
     for (const g of groups) sections.push(`**${g.title}**\n\n${groupTable(g)}\n`)
-    const unit = groups.find((g) => g.title.startsWith('One-read unit'))
+    const unit = groups.find((g) => g.title === 'One-read unit of work (BEGIN / SELECT / COMMIT)')
     const hand = unit?.sides[0]
     const piped = unit?.sides.find((s) => s.name.includes('pipeline'))
     if (hand && piped) {
@@ -75,7 +75,9 @@ export async function scopeOverhead(ctx: Context): Promise<SuiteResult> {
     'rounds (A B C, C B A, …); each round runs a batch per row. Figures are the median of the',
     "rounds' µs per operation, [min–max] over rounds; ratios are to the first row (to the bare",
     '`AsyncLocalStorage.run` for "No database use"), medians over medians, with the range of the',
-    'per-round ratios. CPU is this process only (PostgreSQL runs elsewhere). Scopes use the',
+    'per-round ratios. CPU is this process only (PostgreSQL runs elsewhere). The "50 concurrent',
+    'callers" groups run each batch with 50 callers at once on a pool of 10, as a server would',
+    '(without HTTP): there µs/op wall is 1 / throughput. Scopes use the',
     'production defaults (`NODE_ENV=production`: no stack capture; leak detection on).',
     '',
     ...sections,

@@ -39,9 +39,9 @@ export async function httpNoDb(
   const load = {
     path: '/hello',
     connections: 50,
-    duration: ctx.quick ? 1 : 3,
+    duration: ctx.quick ? 1 : 2.5,
     warmup: ctx.quick ? 0.5 : 1,
-    rounds: ctx.quick ? 2 : 3,
+    rounds: ctx.quick ? 2 : 4,
     log: ctx.log,
   }
   for (const node of nodes) {

@@ -49,9 +49,9 @@ export async function runDbSuite(
     const runs = await interleave(servers, {
       ...load,
       connections: 50,
-      duration: ctx.quick ? 1 : 3,
+      duration: ctx.quick ? 1 : 2.5,
       warmup: ctx.quick ? 0.5 : 2,
-      rounds: ctx.quick ? 2 : 3,
+      rounds: ctx.quick ? 2 : 4,
       hold: true,
       pgCpu: ctx.pgCpu,
       log: ctx.log,
@@ -117,9 +117,11 @@ export function dbTargets(suite: string, { variants, runs }: DbRuns): Target[] {
     })
   }
   const mikro = runs.get('mikro-rc')
+  // Only where the suite measures MikroORM (the Node 24 subset of suite 3 does not).
+  const withMikro = variants.some((v) => v.variant.includes('mikro'))
   for (const ours of ['scoped-kysely', 'scoped-auto-pipelined', 'scoped-mikro']) {
     const rs = runs.get(ours)
-    if (!rs) continue
+    if (!rs || !withMikro) continue
     if (!mikro) {
       targets.push({
         name: `${suite}: ${label(ours)} vs MikroORM RequestContext`,
