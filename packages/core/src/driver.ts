@@ -26,7 +26,9 @@ export interface Driver<C> {
    * Check a connection out. `signal` aborts when the scope gives up waiting
    * (acquire timeout, client abort, shutdown). A driver that cannot cancel a
    * pending checkout may ignore it: a connection that arrives after the core
-   * gave up is released straight back, never leaked.
+   * gave up is released straight back, never leaked. The signal means nothing
+   * once the returned promise settled: the core reuses signals that were never
+   * aborted and have no listener left (making one per checkout is slow on Node 20).
    */
   acquire(signal: AbortSignal): Promise<C>
   /**
