@@ -57,8 +57,9 @@ describe('a session used after its scope ended', () => {
     expect(err.sessionName).toBe('POST /notes')
     expect(err.message).toContain("'POST /notes'")
     expect(err.message).toContain('use()')
-    // captureStacks is on outside production: the message says where the session was closed.
-    expect(err.message).toContain('Closed at:')
+    // captureStacks is on outside production: the message shows where the session first ran a
+    // statement (the scope's end has no user frame to show), i.e. this test's memoised use.
+    expect(err.message).toMatch(/First statement at:\n.*session-after-scope\.test\.ts/)
 
     for (const call of [
       () => memoisedSession().connection(),
@@ -94,5 +95,28 @@ describe('a session used after its scope ended', () => {
     expect((err as SessionClosedError).sessionName).toBe('GET /fire-and-forget')
     expectPoolSettled(t.pool)
     expect(await committedRows(url, "SELECT v FROM notes WHERE v = 'orphan'")).toEqual([])
+  })
+
+  it('a session kept after remove() says it was removed, and where', async () => {
+    let kept: Session<pg.PoolClient> | undefined
+    await scope.run(
+      async () => {
+        kept = scope.getSession()
+        await kept.use((c) => c.query('SELECT 1'))
+        await scope.remove()
+        // The scope goes on with a new session; the removed one stays closed.
+        await scope
+          .getSession()
+          .use((c) => c.query("INSERT INTO notes (v) VALUES ('after remove')"))
+        await expect(kept.use((c) => c.query('SELECT 1'))).rejects.toThrow(
+          /closed by remove\(\)[^]*Closed at:\n.*session-after-scope\.test\.ts/,
+        )
+      },
+      { name: 'POST /removed' },
+    )
+    expectPoolSettled(t.pool)
+    expect(await committedRows(url, "SELECT v FROM notes WHERE v = 'after remove'")).toEqual([
+      { v: 'after remove' },
+    ])
   })
 })

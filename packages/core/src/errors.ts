@@ -47,7 +47,7 @@ export class SessionClosedError extends ScopedError {
     session: { id: string; name: string },
     call: string,
     how: string,
-    closedAt: string | undefined,
+    site: { label: string; stack: string | undefined } | undefined,
   ) {
     super(
       'SESSION_CLOSED',
@@ -55,9 +55,9 @@ export class SessionClosedError extends ScopedError {
         'Work that outlives its request or job (a promise nobody awaited, a session kept in ' +
         'module scope) must not use it. Fix: await the work inside the handler, or run ' +
         'background work in its own runJob(...).' +
-        (closedAt
-          ? `\nClosed at:\n${closedAt}`
-          : ' (set captureStacks: true to see where it was closed)'),
+        (site?.stack
+          ? `\n${site.label}:\n${site.stack}`
+          : ' (set captureStacks: true to see where it was used or closed)'),
     )
     this.sessionId = session.id
     this.sessionName = session.name

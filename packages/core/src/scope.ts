@@ -281,6 +281,7 @@ export class OpenScope<C> {
       )
     }
     this.#removed = true
+    s.noteRemoved()
     await s.close({ commit: false })
   }
 

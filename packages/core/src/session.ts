@@ -824,8 +824,9 @@ export class Session<C = unknown> {
   /** Into 'closing': whether the unit of work is to commit. */
   #startClose(commit: boolean): boolean {
     this.#to('close')
-    this.#closedHow = `it was closed when its ${this.#frame.kind} ended`
-    this.#noteClosedAt()
+    this.#closedHow ||= `it was closed when its ${this.#frame.kind} ended`
+    // No stack here: it would show the scope's or adapter's end, never the user's code. The
+    // closed error shows the checkout site instead (where the session first ran a statement).
     return commit && !this.#rollbackOnly && !this.#frame.aborted
   }
 
@@ -901,6 +902,12 @@ export class Session<C = unknown> {
     if (this.#broken === undefined && this.#core.driver.isFatal?.(conn, e)) this.#broken = e
   }
 
+  /** @internal `remove()` is closing it: application code, so where is worth a stack. */
+  noteRemoved(): void {
+    this.#closedHow ||= 'it was closed by remove()'
+    this.#noteClosedAt()
+  }
+
   #noteClosedAt(): void {
     if (this.#core.options.captureStacks) this.#closedAt = captureStack('closed here')
   }
@@ -946,7 +953,19 @@ export class Session<C = unknown> {
 
   #closedError(call: string): Error {
     const how = this.#closedHow || `it is closing (its ${this.#frame.kind} ended)`
-    return new SessionClosedError(this, call, how, userFrames(this.#closedAt?.stack))
+    if (this.#closedAt) {
+      return new SessionClosedError(this, call, how, {
+        label: 'Closed at',
+        stack: userFrames(this.#closedAt.stack),
+      })
+    }
+    const acquired = this.#acquireSite && userFrames(this.#acquireSite.stack)
+    return new SessionClosedError(
+      this,
+      call,
+      how,
+      acquired === undefined ? undefined : { label: 'First statement at', stack: acquired },
+    )
   }
 }
 
