@@ -777,11 +777,11 @@ export let defaultScope: ScopeImpl<any> | undefined
  *
  * @example
  * ```ts
- * import pg from 'pg'
  * import { createScope } from '@scoped/core'
  * import { pgDriver } from '@scoped/pg'
  *
- * export const scope = createScope({ driver: pgDriver(new pg.Pool({ max: 10 })), name: 'main' })
+ * // pool: the application's node-postgres pool (new Pool({ max: 10 }))
+ * export const scope = createScope({ driver: pgDriver(pool), name: 'main' })
  * ```
  */
 export function createScope<C>(options: ScopeOptions<C>): Scope<C> {

@@ -197,12 +197,11 @@ function sessionName(name: (request: FastifyRequest) => string, request: Fastify
  * @example
  * ```ts
  * import Fastify from 'fastify'
- * import pg from 'pg'
  * import { createScope, getSession } from '@scoped/core'
  * import { pgDriver } from '@scoped/pg'
  * import { scopedSession } from '@scoped/fastify'
  *
- * createScope({ driver: pgDriver(new pg.Pool()) })
+ * createScope({ driver: pgDriver(pool) }) // pool: the application's node-postgres Pool
  * const app = Fastify()
  * await app.register(scopedSession)
  * app.post('/orders', async () => {
