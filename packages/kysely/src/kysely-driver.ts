@@ -4,6 +4,7 @@
  */
 import type { Driver, PoolStats, ReleaseOptions, SessionInfo, TxOptions } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
+import { CancelGuard, isFatalPgError, isRetryablePgError } from '@scoped/pg'
 import {
   CompiledQuery,
   type DatabaseConnection,
@@ -13,12 +14,9 @@ import {
   type TransactionSettings,
 } from 'kysely'
 import {
-  cancelClient,
   destroyClient,
-  isFatalPostgresError,
   isPgPool,
   isPostgresDialect,
-  isRetryablePostgresError,
   PgClients,
   type PgPoolLike,
 } from './postgres.js'
@@ -85,6 +83,8 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   #postgres: boolean
   #pool: PgPoolLike | undefined
   #clients: PgClients | undefined
+  /** Cancels in flight, by pg client: a client goes back to the pool only once its cancel is done. */
+  #cancels: CancelGuard | undefined
   #pids = new WeakMap<DatabaseConnection, number>()
   #init: Promise<void> | undefined
   #initDone = false
@@ -153,9 +153,11 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
         max: pool.options?.max ?? 10,
       })
       const clients = this.#clients
+      const cancels = new CancelGuard()
+      this.#cancels = cancels
       this.cancel = async (conn) => {
         const client = clients.client(pidOf(conn))
-        if (client) await cancelClient(client)
+        if (client) await cancels.cancel(client)
       }
     }
     this.name = name
@@ -163,7 +165,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     this.#driver = dialect.createDriver()
     this.#compiler = dialect.createQueryCompiler()
     this.#isFatal = isFatal
-    this.#isRetryable = isRetryable ?? (this.#postgres ? isRetryablePostgresError : undefined)
+    this.#isRetryable = isRetryable ?? (this.#postgres ? isRetryablePgError : undefined)
     Object.freeze(this)
   }
 
@@ -201,8 +203,19 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   release(connection: DatabaseConnection, opts: ReleaseOptions): Promise<void> {
     const conn = own(connection)
     if (!conn) return foreign()
-    if (!opts.destroy) return this.#driver.releaseConnection(conn.raw)
     const client = this.#clients?.client(conn.pid)
+    // A late CancelRequest would cancel the next holder's statement: wait for it first.
+    const cancelling = client && this.#cancels?.settled(client)
+    if (cancelling) return cancelling.then(() => this.#releaseNow(conn, opts, client))
+    return this.#releaseNow(conn, opts, client)
+  }
+
+  #releaseNow(
+    conn: SerialConnection,
+    opts: ReleaseOptions,
+    client: ReturnType<PgClients['client']>,
+  ): Promise<void> {
+    if (!opts.destroy) return this.#driver.releaseConnection(conn.raw)
     if (client) {
       destroyClient(client, opts.error)
       return Promise.resolve()
@@ -306,7 +319,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   isFatal(conn: DatabaseConnection, error: unknown): boolean {
     if (this.#isFatal) return this.#isFatal(error, conn)
     if (!this.#postgres) return false
-    return this.#clients?.errorOf(pidOf(conn)) !== undefined || isFatalPostgresError(error)
+    return this.#clients?.errorOf(pidOf(conn)) !== undefined || isFatalPgError(error)
   }
 
   isRetryable(error: unknown): boolean {

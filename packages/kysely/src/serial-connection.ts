@@ -8,8 +8,8 @@
  * executing a query") or break; so statements queue here, in call order.
  */
 import { TransactionStateError } from '@scoped/core'
+import { isPgServerError } from '@scoped/pg'
 import type { CompiledQuery, DatabaseConnection, QueryResult } from 'kysely'
-import { isServerError } from './postgres.js'
 
 interface Waiting {
   fn: (raw: DatabaseConnection) => Promise<unknown>
@@ -110,7 +110,7 @@ export class SerialConnection implements DatabaseConnection {
         return value
       },
       (error) => {
-        if (isServerError(error)) this.failed = true
+        if (isPgServerError(error)) this.failed = true
         this.#dequeue()
         throw error
       },

@@ -4,6 +4,7 @@
 import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
 import type pg from 'pg'
+import { CancelGuard } from './cancel.js'
 import { isFatalPgError, isRetryablePgError } from './errors.js'
 
 export interface PgDriverOptions {
@@ -147,10 +148,8 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
   )
 
   const states = new WeakMap<pg.PoolClient, ClientState>()
-  // A CancelRequest travels on a connection of its own and lands when it lands: if the statement
-  // it was sent for has ended and the client went on to its next holder, it would cancel that
-  // holder's statement. So a client with a cancel in flight is released once the cancel is done.
-  const cancelling = new WeakMap<pg.PoolClient, Promise<void>>()
+  // A client with a cancel in flight goes back to the pool only once the cancel is done.
+  const cancels = new CancelGuard<pg.PoolClient>()
   if (!poolsWithListener.has(pool)) {
     poolsWithListener.add(pool)
     // An idle client's error (server restart, network) is emitted on the pool, which drops the
@@ -277,7 +276,7 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     name: 'pg',
     acquire,
     release(client, { destroy, error }) {
-      const pending = cancelling.get(client)
+      const pending = cancels.settled(client)
       if (pending) return pending.then(() => releaseNow(client, destroy, error))
       releaseNow(client, destroy, error)
     },
@@ -332,16 +331,7 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
     },
     // `new pg.Pool({ pipeline: true })`: the unit of work's BEGIN goes out with its first statement.
     pipelined: (client) => (client as { pipeline?: boolean }).pipeline === true,
-    cancel(client) {
-      const sent = cancelBackend(client)
-      const previous = cancelling.get(client)
-      const all = previous ? Promise.all([previous, sent]).then(() => {}) : sent
-      cancelling.set(client, all)
-      void all.then(() => {
-        if (cancelling.get(client) === all) cancelling.delete(client)
-      })
-      return sent
-    },
+    cancel: (client) => cancels.cancel(client),
     isFatal(client, error) {
       return states.get(client)?.error !== undefined || isFatalPgError(error)
     },
@@ -370,46 +360,4 @@ function statement(client: pg.PoolClient, sql: string): Promise<void> {
   } catch (e) {
     return Promise.reject(e)
   }
-}
-
-/**
- * Cancel the statement running on `client` with the protocol's CancelRequest:
- * a short extra connection carrying the backend's pid and secret key. It needs
- * no free pool slot and no authentication.
- */
-function cancelBackend(client: pg.PoolClient): Promise<void> {
-  const c = client as unknown as {
-    processID?: number
-    secretKey?: number
-    host?: string
-    port?: number
-    connection?: { constructor: new () => CancelConnection }
-  }
-  if (c.processID === undefined || c.secretKey === undefined || !c.connection)
-    return Promise.resolve()
-  const Connection = c.connection.constructor
-  return new Promise<void>((resolve) => {
-    const con = new Connection()
-    const done = () => {
-      clearTimeout(timer)
-      resolve()
-    }
-    const timer = setTimeout(() => {
-      con.end?.()
-      done()
-    }, 5_000)
-    timer.unref()
-    con.on('connect', () => con.cancel(c.processID!, c.secretKey!))
-    con.on('end', done)
-    con.on('error', done)
-    if (c.host?.startsWith('/')) con.connect(`${c.host}/.s.PGSQL.${c.port}`)
-    else con.connect(c.port ?? 5432, c.host ?? 'localhost')
-  })
-}
-
-interface CancelConnection {
-  connect(portOrPath: number | string, host?: string): void
-  cancel(processID: number, secretKey: number): void
-  on(event: string, fn: (...args: unknown[]) => void): void
-  end?(): void
 }

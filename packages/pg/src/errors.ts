@@ -56,3 +56,13 @@ export function isRetryablePgError(error: unknown): boolean {
   const code = codeOf(error)
   return code === '40001' || code === '40P01'
 }
+
+/**
+ * An error the server sent (it carries a five-character SQLSTATE), not one of
+ * the socket or of pg itself. In PostgreSQL such an error aborts the open
+ * transaction: its every later statement fails until ROLLBACK (TO SAVEPOINT).
+ */
+export function isPgServerError(error: unknown): boolean {
+  const code = codeOf(error)
+  return code !== undefined && /^[0-9A-Z]{5}$/.test(code)
+}

@@ -9,61 +9,26 @@
  * 300 ms, so "late" is certain: the driver must hold the client back until its
  * cancel is done.
  */
-import net from 'node:net'
 import { createScope } from '@scoped/core'
 import { pgDriver, scopedPool } from '@scoped/pg'
 import pg from 'pg'
 import { afterAll, beforeAll, expect, it } from 'vitest'
+import {
+  type CancelDelayingProxy,
+  cancelDelayingProxy,
+} from '../../../test/support/cancel-proxy.ts'
 import { testDatabase } from '../../../test/support/db.ts'
 
 const CANCEL_DELAY_MS = 300
-let url: string
-let proxy: net.Server
+let proxy: CancelDelayingProxy
 let proxyUrl: string
-const proxied = new Set<net.Socket>()
-
-/** Forwards to PostgreSQL; a connection whose first packet is a CancelRequest is held back first. */
-function startDelayingProxy(target: URL): Promise<void> {
-  proxy = net.createServer((client) => {
-    const upstream = net.connect(Number(target.port), target.hostname)
-    proxied.add(client)
-    client.on('close', () => proxied.delete(client))
-    let first = true
-    client.on('data', (chunk) => {
-      // CancelRequest: length 16, code 80877102.
-      if (
-        first &&
-        chunk.length >= 8 &&
-        chunk.readInt32BE(0) === 16 &&
-        chunk.readInt32BE(4) === 80877102
-      ) {
-        setTimeout(() => upstream.write(chunk), CANCEL_DELAY_MS)
-      } else upstream.write(chunk)
-      first = false
-    })
-    upstream.on('data', (chunk) => client.write(chunk))
-    upstream.on('close', () => client.destroy())
-    client.on('close', () => upstream.destroy())
-    upstream.on('error', () => {})
-    client.on('error', () => {})
-  })
-  return new Promise((resolve) => proxy.listen(0, '127.0.0.1', () => resolve()))
-}
 
 beforeAll(async () => {
-  url = await testDatabase('pg_late_cancel')
-  const target = new URL(url)
-  await startDelayingProxy(target)
-  const u = new URL(url)
-  u.hostname = '127.0.0.1'
-  u.port = String((proxy.address() as net.AddressInfo).port)
-  proxyUrl = u.toString()
+  proxy = await cancelDelayingProxy(await testDatabase('pg_late_cancel'), CANCEL_DELAY_MS)
+  proxyUrl = proxy.url
 })
 
-afterAll(async () => {
-  for (const socket of proxied) socket.destroy()
-  await new Promise<void>((r) => proxy.close(() => r()))
-})
+afterAll(() => proxy.close())
 
 it('the connection goes to the next holder only after the cancel sent for the previous one is done', async () => {
   // One connection, so the next scope gets the very backend the cancel was sent to.
