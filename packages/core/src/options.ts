@@ -1,5 +1,5 @@
 import type { Driver } from './driver.js'
-import type { TransactionMode } from './session.js'
+import type { ReleaseMode, TransactionMode } from './session.js'
 
 /** Where the scope reports what it cannot throw: hook errors, leaks, failed releases. */
 export interface Logger {
@@ -14,6 +14,13 @@ export interface ScopeOptions<C> {
   name?: string
   /** `'auto'` (default): every session is a unit of work in one transaction. `'none'`: autocommit. */
   transaction?: TransactionMode
+  /**
+   * When a session gives its connection back. `'end'` (default): when its
+   * request or job ends. `'idle'` (with `transaction: 'none'` only): as soon as
+   * no statement runs and no `transaction(fn)` is open, as `pool.query()` does;
+   * the next statement checks one out again, maybe another one.
+   */
+  release?: ReleaseMode
   /** How long a session waits for a pooled connection before `PoolTimeoutError`. Default 30 000; never infinite. */
   acquireTimeoutMs?: number
   /** Warn (with the holder and its acquisition stack) when a connection is held longer. Default 60 000; 0 = off. */
@@ -33,6 +40,7 @@ export interface ScopeOptions<C> {
 export interface ResolvedOptions {
   name: string
   transaction: TransactionMode
+  release: ReleaseMode
   acquireTimeoutMs: number
   leakDetectionMs: number
   maxHoldMs: number
@@ -46,6 +54,7 @@ const known = new Set([
   'driver',
   'name',
   'transaction',
+  'release',
   'acquireTimeoutMs',
   'leakDetectionMs',
   'maxHoldMs',
@@ -127,6 +136,19 @@ export function resolveOptions<C>(options: ScopeOptions<C>): ResolvedOptions {
       }
     }
   }
+  const release = o.release ?? 'end'
+  if (release !== 'end' && release !== 'idle') {
+    throw new TypeError(
+      `createScope({ release }): expected 'end' or 'idle', got ${describe(release)}`,
+    )
+  }
+  if (release === 'idle' && transaction !== 'none') {
+    throw new TypeError(
+      "createScope({ release: 'idle' }): needs transaction: 'none'. In 'auto' mode the unit of " +
+        "work's transaction holds the connection until the request or job ends. Fix: add " +
+        "transaction: 'none', or remove release.",
+    )
+  }
   const name = o.name ?? driver.name
   if (typeof name !== 'string' || name === '') {
     throw new TypeError(`createScope({ name }): expected a non-empty string, got ${describe(name)}`)
@@ -141,6 +163,7 @@ export function resolveOptions<C>(options: ScopeOptions<C>): ResolvedOptions {
   return Object.freeze({
     name,
     transaction,
+    release,
     acquireTimeoutMs: duration(o, 'acquireTimeoutMs', 30_000, 1),
     leakDetectionMs: duration(o, 'leakDetectionMs', 60_000, 0),
     maxHoldMs: duration(o, 'maxHoldMs', 0, 0),

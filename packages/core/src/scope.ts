@@ -21,7 +21,7 @@ import {
 } from './errors.js'
 import type { Holder } from './holders.js'
 import { type ResolvedOptions, resolveOptions, type ScopeOptions } from './options.js'
-import { Session, type SessionOutcome, type TransactionMode } from './session.js'
+import { type ReleaseMode, Session, type SessionOutcome, type TransactionMode } from './session.js'
 
 export interface RunOptions {
   /** The session's name in holders, stats and errors. Default `'run'` (`job:<name>` for jobs). */
@@ -32,6 +32,12 @@ export interface RunOptions {
   signal?: AbortSignal
   /** Override the scope's transaction mode for this run. */
   transaction?: TransactionMode
+  /**
+   * Override when the session gives its connection back (`'idle'` needs
+   * `transaction: 'none'`). Default: the scope's `release` when the run's mode
+   * is `'none'`; `'end'` for a unit of work.
+   */
+  release?: ReleaseMode
 }
 
 export interface JobOptions extends RunOptions {
@@ -164,6 +170,7 @@ export class OpenScope<C> {
 
   #scope: ScopeImpl<C>
   #mode: TransactionMode
+  #releaseIdle: boolean
   #session: Session<C> | undefined
   #removed = false
   #ending: Promise<SessionOutcome> | undefined
@@ -184,6 +191,7 @@ export class OpenScope<C> {
     this.kind = opts.kind ?? 'scope'
     this.requestId = opts.requestId
     this.#mode = opts.transaction ?? scope.options.transaction
+    this.#releaseIdle = this.#mode === 'none' && (opts.release ?? scope.options.release) === 'idle'
     const signal = opts.signal
     if (signal) {
       if (signal.aborted) this.abort('signal')
@@ -239,7 +247,7 @@ export class OpenScope<C> {
     }
     if (s && !(this.#removed && s.state === 'closed')) return s
     this.#removed = false
-    this.#session = new Session(this.#scope.core, this, this.name, this.#mode)
+    this.#session = new Session(this.#scope.core, this, this.name, this.#mode, this.#releaseIdle)
     return this.#session
   }
 
@@ -512,7 +520,7 @@ export class ScopeImpl<C> implements Scope<C> {
   }
 
   open(opts: RunOptions & { kind?: string } = {}): OpenScope<C> {
-    validateRunOptions(opts, 'open')
+    validateRunOptions(opts, 'open', this.options.transaction)
     if (this.core.closed) throw new ScopeClosedError(this.name, 'open()')
     const open = new OpenScope(this, opts, opts.name ?? 'run')
     this.#open.add(open)
@@ -526,7 +534,7 @@ export class ScopeImpl<C> implements Scope<C> {
       if (typeof fn !== 'function') {
         throw new TypeError(`run(fn): fn must be a function, got ${typeof fn}`)
       }
-      validateRunOptions(opts, 'run')
+      validateRunOptions(opts, 'run', this.options.transaction)
       if (this.core.closed) throw new ScopeClosedError(this.name, 'run()')
       return this.#runIn(new OpenScope(this, opts, opts.name ?? 'run'), fn)
     } catch (e) {
@@ -562,7 +570,7 @@ export class ScopeImpl<C> implements Scope<C> {
   async runJob<T>(fn: () => Promise<T>, opts: JobOptions = {}): Promise<T> {
     if (typeof fn !== 'function')
       throw new TypeError(`runJob(fn): fn must be a function, got ${typeof fn}`)
-    validateRunOptions(opts, 'runJob')
+    validateRunOptions(opts, 'runJob', this.options.transaction)
     const { timeoutMs } = opts
     if (timeoutMs !== undefined && !(Number.isFinite(timeoutMs) && timeoutMs > 0)) {
       throw new TypeError(
@@ -742,7 +750,7 @@ function pause(ms: number, signal: AbortSignal): Promise<void> {
   })
 }
 
-function validateRunOptions(opts: RunOptions, call: string): void {
+function validateRunOptions(opts: RunOptions, call: string, scopeMode: TransactionMode): void {
   if (typeof opts !== 'object' || opts === null) {
     throw new TypeError(
       `${call}(fn, opts): opts must be an object, got ${opts === null ? 'null' : typeof opts}`,
@@ -766,6 +774,19 @@ function validateRunOptions(opts: RunOptions, call: string): void {
     throw new TypeError(
       `${call}(fn, { transaction }): expected 'auto' or 'none', got ${JSON.stringify(opts.transaction)}`,
     )
+  }
+  if (opts.release !== undefined) {
+    if (opts.release !== 'end' && opts.release !== 'idle') {
+      throw new TypeError(
+        `${call}(fn, { release }): expected 'end' or 'idle', got ${JSON.stringify(opts.release)}`,
+      )
+    }
+    if (opts.release === 'idle' && (opts.transaction ?? scopeMode) !== 'none') {
+      throw new TypeError(
+        `${call}(fn, { release: 'idle' }): needs transaction: 'none' (this run's mode is 'auto', whose ` +
+          "transaction holds the connection until the end). Fix: pass transaction: 'none' too.",
+      )
+    }
   }
 }
 

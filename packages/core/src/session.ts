@@ -5,8 +5,9 @@
  * between them (every one is named, and `#to` refuses any other):
  *
  *   idle ──acquire──▶ acquiring ──acquired──▶ holding
- *     ▲                  │                       │
- *     └──acquireFailed───┘                       │
+ *     ▲  ▲               │                       │
+ *     │  └──acquireFailed┘                       │
+ *     └───────idleRelease (release: 'idle')──────┘
  *   idle / holding ──close──▶ closing ──released──▶ closed
  *   holding ──forceRelease (maxHoldMs, shutdown)──▶ closed
  *
@@ -24,6 +25,8 @@ import type { OpenScope as Frame, ScopeCore } from './scope.js'
 
 export type SessionState = 'idle' | 'active' | 'closed'
 export type TransactionMode = 'auto' | 'none'
+/** When a session gives its connection back: at the scope's end, or whenever it is idle. */
+export type ReleaseMode = 'end' | 'idle'
 export type Hook = () => void | Promise<void>
 
 /** How a closed session ended. `empty`: it never held a connection and had nothing to do. */
@@ -35,6 +38,7 @@ const transitions: Record<string, [from: Phase[], to: Phase]> = {
   acquire: [['idle'], 'acquiring'],
   acquired: [['acquiring'], 'holding'],
   acquireFailed: [['acquiring'], 'idle'],
+  idleRelease: [['holding'], 'idle'],
   close: [['idle', 'acquiring', 'holding'], 'closing'],
   released: [['closing'], 'closed'],
   forceRelease: [['holding', 'closing'], 'closed'],
@@ -69,6 +73,14 @@ export class Session<C = unknown> {
   #core: ScopeCore<C>
   #frame: Frame<C>
   #mode: TransactionMode
+  /** `release: 'idle'`: the connection goes back whenever no work uses it (autocommit only). */
+  #releaseIdle: boolean
+  /** `connection()` handed the connection out untracked: it stays until the end. */
+  #pinned = false
+  /** A connection was held (and given back) before the current one, if any. */
+  #heldBefore = false
+  /** A connection given back earlier was destroyed (for the session's outcome). */
+  #destroyedBefore = false
   #phase: Phase = 'idle'
   #conn: C | undefined
   /** The shared promise of "connection checked out and, in 'auto' mode, BEGIN sent". */
@@ -114,10 +126,17 @@ export class Session<C = unknown> {
   #createdAt = performance.now()
 
   /** @internal Sessions are made by their scope; use `getSession()`. */
-  constructor(core: ScopeCore<C>, frame: Frame<C>, name: string, mode: TransactionMode) {
+  constructor(
+    core: ScopeCore<C>,
+    frame: Frame<C>,
+    name: string,
+    mode: TransactionMode,
+    releaseIdle = false,
+  ) {
     this.#core = core
     this.#frame = frame
     this.#mode = mode
+    this.#releaseIdle = releaseIdle
     this.name = name
     this.requestId = frame.requestId
     this.id = `${core.idPrefix}${(++nextId).toString(36)}`
@@ -168,6 +187,8 @@ export class Session<C = unknown> {
   connection(): Promise<C> {
     const err = this.#unusable('connection()')
     if (err) return Promise.reject(err)
+    // Untracked: nobody can tell when it is done with, so `release: 'idle'` keeps it to the end.
+    this.#pinned = true
     return this.#ready ?? this.#prepare()
   }
 
@@ -834,13 +855,14 @@ export class Session<C = unknown> {
   #finishClose(conn: C | undefined, wantCommit: boolean, failure: unknown): SessionOutcome {
     const committed = wantCommit && failure === undefined
     const destroy = this.#broken !== undefined || this.#dirty
-    this.#outcome = destroy
-      ? 'destroyed'
-      : conn === undefined
-        ? 'empty'
-        : committed
-          ? 'committed'
-          : 'rolled-back'
+    this.#outcome =
+      destroy || this.#destroyedBefore
+        ? 'destroyed'
+        : conn === undefined && !this.#heldBefore
+          ? 'empty'
+          : committed
+            ? 'committed'
+            : 'rolled-back'
     if (conn !== undefined) this.#finishRelease(conn, destroy, this.#broken)
     this.#to('released')
     this.#publishClose()
@@ -891,11 +913,33 @@ export class Session<C = unknown> {
   }
 
   #settle(): void {
-    if (--this.#inFlight === 0 && this.#drained) {
+    if (--this.#inFlight !== 0) return
+    if (this.#drained) {
       const d = this.#drained
       this.#drained = undefined
       d()
+    } else if (this.#releaseIdle) {
+      this.#releaseIfIdle()
     }
+  }
+
+  /**
+   * `release: 'idle'`: nothing uses the connection now (no statement, no
+   * transaction, not handed out by `connection()`), so it goes back to the
+   * pool, or is destroyed when it failed. The next statement checks one out.
+   */
+  #releaseIfIdle(): void {
+    if (this.#phase !== 'holding' || this.#closeRequested || this.#pinned) return
+    if (this.#tx.length > 0 || this.#running > 0) return
+    const conn = this.#conn as C
+    const destroy = this.#broken !== undefined || this.#dirty
+    this.#finishRelease(conn, destroy, this.#broken)
+    this.#to('idleRelease')
+    this.#heldBefore = true
+    if (destroy) this.#destroyedBefore = true
+    // Those belonged to the connection just given back; the next one starts clean.
+    this.#broken = undefined
+    this.#dirty = false
   }
 
   #noteError(conn: C, e: unknown): void {

@@ -1,6 +1,8 @@
 /**
- * Random sequences of session operations against the fake driver. Whatever
- * the sequence and however the scope ends, four things must hold:
+ * Random sequences of session operations against the fake driver, in
+ * 'auto', 'none', and 'none' with `release: 'idle'` (a session may then check
+ * out and give back several connections). Whatever the sequence and however
+ * the scope ends, four things must hold:
  *   1. every checked-out connection is released exactly once;
  *   2. never while a tracked use is still running on it;
  *   3. it is destroyed iff it is dirty (a fatal error, or a transaction left open);
@@ -55,13 +57,18 @@ describe('session lifecycle (property)', () => {
       fc.asyncProperty(
         fc.array(op, { maxLength: 12 }),
         fc.boolean(),
-        fc.constantFrom<'auto' | 'none'>('auto', 'none'),
-        async (ops, throwAtEnd, transaction) => {
+        fc.constantFrom(
+          { transaction: 'auto', release: 'end' } as const,
+          { transaction: 'none', release: 'end' } as const,
+          { transaction: 'none', release: 'idle' } as const,
+        ),
+        async (ops, throwAtEnd, { transaction, release }) => {
           const driver = new FakeDriver(3)
           const errors: unknown[] = []
           const scope = createScope({
             driver,
             transaction,
+            release,
             default: false,
             leakDetectionMs: 0,
             onError: (e) => errors.push(e),

@@ -666,3 +666,119 @@ describe('bad options', () => {
     expect(driver.events).toEqual([])
   })
 })
+
+describe("release: 'idle' (autocommit, connection back between statements)", () => {
+  const idle = (max = 5) => make(new FakeDriver(max), { transaction: 'none', release: 'idle' })
+
+  it('gives the connection back after each statement, and checks one out for the next', async () => {
+    const { driver, scope } = idle()
+    const outcome = await scope.run(async () => {
+      await q(scope, driver, 'A')
+      expect(driver.checkedOut).toBe(0)
+      expect(scope.getSession().state).toBe('idle')
+      await q(scope, driver, 'B')
+      expect(driver.checkedOut).toBe(0)
+      return scope.getSession()
+    })
+    expect(driver.events.filter((e) => e === 'acquire')).toHaveLength(2)
+    expect(driver.releases.map((r) => r.destroy)).toEqual([false, false])
+    expect(scope.stats().totals.acquired).toBe(2)
+    // It held connections: its outcome is not 'empty'.
+    expect(outcome.outcome).toBe('committed')
+  })
+
+  it('concurrent statements share one checkout, given back when the last one ends', async () => {
+    const { driver, scope } = idle()
+    await scope.run(async () => {
+      await Promise.all([
+        q(scope, driver, 'A', { ms: 5 }),
+        q(scope, driver, 'B', { ms: 1 }),
+        q(scope, driver, 'C'),
+      ])
+    })
+    expect(driver.events.filter((e) => e === 'acquire')).toHaveLength(1)
+    expect(driver.releases).toEqual([expect.objectContaining({ busy: 0, destroy: false })])
+  })
+
+  it('transaction(fn) holds one connection from BEGIN to COMMIT, then gives it back', async () => {
+    const { driver, scope } = idle()
+    await scope.run(async () => {
+      await scope.getSession().transaction(async () => {
+        await q(scope, driver, 'A')
+        expect(driver.checkedOut).toBe(1)
+        await q(scope, driver, 'B')
+      })
+      expect(driver.checkedOut).toBe(0)
+    })
+    expect(driver.conns[0]!.log).toEqual(['BEGIN', 'A', 'B', 'COMMIT'])
+    expect(driver.releases).toHaveLength(1)
+  })
+
+  it('connection() hands the connection out untracked, so it is kept to the end', async () => {
+    const { driver, scope } = idle()
+    await scope.run(async () => {
+      const conn = await scope.getSession().connection()
+      await q(scope, driver, 'A')
+      expect(driver.checkedOut).toBe(1)
+      expect(conn.out).toBe(true)
+    })
+    expect(driver.checkedOut).toBe(0)
+    expect(driver.releases).toHaveLength(1)
+  })
+
+  it('a connection that failed is destroyed at once; the next statement gets a fresh one', async () => {
+    const { driver, scope } = idle()
+    const session = await scope.run(async () => {
+      await expect(
+        q(scope, driver, 'X', { fail: new Error('fatal: connection reset') }),
+      ).rejects.toThrow()
+      await q(scope, driver, 'Y')
+      return scope.getSession()
+    })
+    expect(driver.releases.map((r) => r.destroy)).toEqual([true, false])
+    expect(session.outcome).toBe('destroyed')
+  })
+
+  it('with a pool of one, two scopes take turns between statements instead of waiting for the end', async () => {
+    const { driver, scope } = idle(1)
+    const order: string[] = []
+    const job = (name: string) =>
+      scope.run(async () => {
+        for (const i of [1, 2]) {
+          await q(scope, driver, `${name}${i}`, { ms: 2 })
+          order.push(`${name}${i}`)
+          await new Promise((r) => setTimeout(r, 5))
+        }
+      })
+    await Promise.all([job('a'), job('b')])
+    // Interleaved: neither scope kept the only connection while it was not using it.
+    expect(order).toEqual(['a1', 'b1', 'a2', 'b2'])
+    expect(driver.checkedOut).toBe(0)
+  })
+
+  it("is refused where a unit of work holds the connection (transaction: 'auto'), naming the fix", async () => {
+    expect(() =>
+      createScope({ driver: new FakeDriver(), default: false, release: 'idle' }),
+    ).toThrow(/release: 'idle'.*needs transaction: 'none'/)
+    expect(() =>
+      createScope({ driver: new FakeDriver(), default: false, release: 'soon' as never }),
+    ).toThrow(/createScope\(\{ release \}\): expected 'end' or 'idle', got "soon"/)
+    const { driver, scope } = make()
+    await expect(scope.run(async () => {}, { release: 'idle' })).rejects.toThrow(
+      /run\(fn, \{ release: 'idle' \}\): needs transaction: 'none'/,
+    )
+    expect(driver.events).toEqual([])
+    const { driver: d2, scope: none } = make(new FakeDriver(), {
+      transaction: 'none',
+      release: 'idle',
+    })
+    // A release: 'idle' scope run as a unit of work keeps its connection to the end.
+    await none.run(
+      async () => {
+        await q(none, d2, 'A')
+        expect(d2.checkedOut).toBe(1)
+      },
+      { transaction: 'auto' },
+    )
+  })
+})
