@@ -7,10 +7,10 @@ import { TransactionEventBroadcaster } from '@mikro-orm/core'
 import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
 import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { SessionClosedError, TransactionStateError } from '@scoped/core'
-import { isFatalPgError, isRetryablePgError } from '@scoped/pg'
+import { CancelGuard, type CancellableClient, isFatalPgError, isRetryablePgError } from '@scoped/pg'
 
 /** The raw pg client knex hands out; `__knex__disposed` is knex's own "never reuse" mark. */
-interface RawConnection {
+interface RawConnection extends CancellableClient {
   __knex__disposed?: unknown
   end(): Promise<void>
 }
@@ -141,6 +141,10 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
     return p
   }
 
+  // A connection with a cancel in flight goes back to the pool only once the cancel is done: a
+  // CancelRequest that lands late would cancel the statement of the connection's next holder.
+  const cancels = new CancelGuard<RawConnection>()
+
   const driver: Driver<EntityManager> = {
     name: 'mikro-orm',
     async acquire() {
@@ -164,6 +168,8 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
           error instanceof Error ? error : new Error('connection destroyed by @scoped/mikro-orm')
         await p.connection.end().catch(() => {})
       }
+      const cancelling = cancels.settled(p.connection)
+      if (cancelling) await cancelling
       await knexOf(orm).client.releaseConnection(p.connection)
     },
     async begin(em, opts: TxOptions, info: SessionInfo) {
@@ -220,6 +226,11 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
         uow.getRemoveStack().clear()
         uow.clearActionsQueue()
       }
+    },
+    // A CancelRequest for the session's backend, on a short connection of its own (no pool slot).
+    async cancel(em) {
+      const p = pinned.get(em)
+      if (p) await cancels.cancel(p.connection)
     },
     isFatal(em, error) {
       const p = pinned.get(em)

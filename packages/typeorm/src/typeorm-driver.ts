@@ -5,12 +5,12 @@
  */
 import type { Driver, PoolStats, TxOptions } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
-import { isFatalPgError, isRetryablePgError } from '@scoped/pg'
+import { CancelGuard, type CancellableClient, isFatalPgError, isRetryablePgError } from '@scoped/pg'
 import type { DataSource, QueryRunner } from 'typeorm'
 import { rememberDataSource } from './data-sources.js'
 
 /** What this driver reads of the pg client under a Postgres QueryRunner. */
-interface PgClientLike {
+interface PgClientLike extends CancellableClient {
   getTransactionStatus?(): string
   /** pg's own flag: false while a statement runs or its ReadyForQuery has not arrived yet. */
   readyForQuery?: boolean
@@ -97,6 +97,10 @@ export function typeormDriver(dataSource: DataSource): Driver<QueryRunner> {
     )
   }
 
+  // A pg client with a cancel in flight goes back to the pool only once the cancel is done: a
+  // CancelRequest that lands late would cancel the statement of the client's next holder.
+  const cancels = new CancelGuard<PgClientLike>()
+
   const driver: Driver<QueryRunner> = {
     name: 'typeorm',
     async acquire() {
@@ -115,8 +119,11 @@ export function typeormDriver(dataSource: DataSource): Driver<QueryRunner> {
       return qr
     },
     async release(qr, { destroy, error }) {
+      const client = pgClient(qr)
+      const cancelling = client && cancels.settled(client)
+      if (cancelling) await cancelling
       if (qr.isReleased) return // TypeORM already released it: its pg client emitted 'error'
-      const status = pgClient(qr)?.getTransactionStatus?.()
+      const status = client?.getTransactionStatus?.()
       // A transaction left open (e.g. started by hand in transaction: 'none') must not reach the next request.
       const dirty = qr.isTransactionActive || (status !== undefined && status !== 'I')
       if (!destroy && !dirty) {
@@ -177,6 +184,11 @@ export function typeormDriver(dataSource: DataSource): Driver<QueryRunner> {
     },
     async rollbackToSavepoint(qr) {
       await qr.rollbackTransaction()
+    },
+    // A CancelRequest for the runner's backend, on a short connection of its own (no pool slot).
+    async cancel(qr) {
+      const client = pgClient(qr)
+      if (client && !qr.isReleased) await cancels.cancel(client)
     },
     isFatal(qr, error) {
       return qr.isReleased || isFatalPgError(driverError(error))
