@@ -8,7 +8,7 @@
  */
 import type { AddressInfo } from 'node:net'
 import { serve } from '@hono/node-server'
-import { type Scope, SessionClosedError } from '@scoped/core'
+import { type Scope, ScopeAbortedError, SessionClosedError } from '@scoped/core'
 import { scopedSession } from '@scoped/hono'
 import { Hono } from 'hono'
 import pg from 'pg'
@@ -19,6 +19,7 @@ import {
   uniqueAppName,
   waitFor,
 } from '../foundation/support.ts'
+import { cancelDelayingProxy } from '../support/cancel-proxy.ts'
 import { independentQuery, testDatabase } from '../support/db.ts'
 
 /** The table every harness writes to: each row records the backend and transaction that wrote it. */
@@ -42,6 +43,13 @@ export interface OrmFixture {
   insert(v: string): Promise<void>
   /** A statement through the ORM that PostgreSQL rejects (SELECT 1/0, or a constraint). */
   failingStatement(): Promise<unknown>
+  /**
+   * A statement through the ORM, in the current session, that sleeps `seconds`
+   * on the server (`pg_sleep`) and returns `pg_backend_pid()`: the backend
+   * that ran it. Run it as work the session tracks (a statement the session
+   * does not know is running is never cancelled on abort).
+   */
+  pidAndSleep(seconds: number): Promise<number>
   /** The ORM pool's own figures (connections opened, idle, waiting). */
   pool(): PoolFigures
   /** End everything the fixture made (the scope closes the ORM). */
@@ -64,24 +72,30 @@ class Planned extends Error {}
 /**
  * An error and its causes: ORMs wrap what the session throws (Drizzle's
  * DrizzleQueryError keeps it as `cause`; MikroORM's DriverException copies its
- * `code` and message), and users see the chain.
+ * `code` and message; Prisma keeps the driver adapter's error in
+ * `meta.driverAdapterError`, whose `cause` has the SQLSTATE), and users see the chain.
  */
 function chain(error: unknown): unknown[] {
   const list: unknown[] = []
-  for (
-    let e = error;
-    e !== undefined && e !== null && list.length < 5;
-    e = (e as { cause?: unknown }).cause
-  ) {
+  for (let e = error; e !== undefined && e !== null && list.length < 5; e = causeOf(e)) {
     list.push(e)
   }
   return list
+}
+
+function causeOf(e: unknown): unknown {
+  const { cause, meta } = e as { cause?: unknown; meta?: { driverAdapterError?: unknown } }
+  return cause ?? meta?.driverAdapterError
 }
 
 function isSessionClosed(error: unknown): boolean {
   return chain(error).some(
     (e) => e instanceof SessionClosedError || (e as { code?: unknown }).code === 'SESSION_CLOSED',
   )
+}
+
+function isQueryCanceled(error: unknown): boolean {
+  return chain(error).some((e) => (e as { code?: unknown })?.code === '57014')
 }
 
 function isExpectedFailure(error: unknown): boolean {
@@ -207,6 +221,58 @@ export function ormSuite(harness: OrmHarness): void {
     ).toMatch(/which is closed/)
     expect((await notes()).map((r) => r.v)).toEqual(['in-time'])
     await settled()
+  })
+
+  it('a job timeout cancels the running statement on the server (57014)', async () => {
+    const err = await f.scope
+      .runJob(() => f.pidAndSleep(5), { name: 'slow', timeoutMs: 200 })
+      .catch((e: unknown) => e)
+    // The job rejects as timed out; what the statement got is the cause: cancelled by the server
+    // (without the cancel the sleep would run its 5 s and end without an error).
+    expect(err).toBeInstanceOf(ScopeAbortedError)
+    expect((err as ScopeAbortedError).kind).toBe('timeout')
+    expect(
+      isQueryCanceled((err as Error).cause),
+      `expected a 57014 cause, got ${String((err as Error).cause)}`,
+    ).toBe(true)
+    await settled()
+    const sleeping = await independentQuery(
+      url,
+      "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND query LIKE '%pg_sleep%' AND state = 'active'",
+      [app],
+    )
+    expect(sleeping).toEqual([])
+  })
+
+  it('a cancel that lands late does not cancel the next holder of the connection', async () => {
+    // A proxy holds every CancelRequest back by 300 ms, so the cancel is certain to arrive after
+    // the statement it was sent for ended; one connection, so the next scope gets that very
+    // backend. The driver must keep the connection until its cancel is done.
+    const proxy = await cancelDelayingProxy(url, 300)
+    const one = await harness.fixture(proxy.url, { max: 1, applicationName: `${app}_late` })
+    try {
+      // A request aborted (with cancel) while its short statement runs: the statement ends on its
+      // own long before the cancel arrives.
+      const open = one.scope.open({ name: 'aborted', kind: 'request' })
+      const first = await open.enter(async () => {
+        await one.pidAndSleep(0) // checked out and in its transaction
+        const running = one.pidAndSleep(0.05)
+        await new Promise((r) => setTimeout(r, 10))
+        open.abort('client-abort', { cancel: true })
+        return running
+      })
+      await open.end({ commit: false })
+
+      // The next holder runs a statement that spans the moment the late cancel lands.
+      const second = await one.scope.run(() => one.pidAndSleep(0.5))
+      expect(second).toBe(first)
+      expect(proxy.cancelRequests, 'the abort sent a CancelRequest').toBe(1)
+      const p = one.pool()
+      expect(p.total).toBe(p.idle)
+    } finally {
+      await one.close()
+      await proxy.close()
+    }
   })
 
   it('a pool of 2 never runs dry over 1,000 scopes with errors', async () => {

@@ -9,6 +9,8 @@ import net from 'node:net'
 export interface CancelDelayingProxy {
   /** `url` with host and port replaced by the proxy's. */
   url: string
+  /** How many CancelRequests came through so far (a test can check that one was sent). */
+  readonly cancelRequests: number
   close(): Promise<void>
 }
 
@@ -23,14 +25,17 @@ export async function cancelDelayingProxy(
 ): Promise<CancelDelayingProxy> {
   const target = new URL(url)
   const sockets = new Set<net.Socket>()
+  let cancelRequests = 0
   const proxy = net.createServer((client) => {
     const upstream = net.connect(Number(target.port), target.hostname)
     sockets.add(client)
     client.on('close', () => sockets.delete(client))
     let first = true
     client.on('data', (chunk) => {
-      if (first && isCancelRequest(chunk)) setTimeout(() => upstream.write(chunk), delayMs)
-      else upstream.write(chunk)
+      if (first && isCancelRequest(chunk)) {
+        cancelRequests++
+        setTimeout(() => upstream.write(chunk), delayMs)
+      } else upstream.write(chunk)
       first = false
     })
     upstream.on('data', (chunk) => client.write(chunk))
@@ -45,6 +50,9 @@ export async function cancelDelayingProxy(
   proxied.port = String((proxy.address() as net.AddressInfo).port)
   return {
     url: proxied.toString(),
+    get cancelRequests() {
+      return cancelRequests
+    },
     close: async () => {
       for (const socket of sockets) socket.destroy()
       await new Promise<void>((r) => proxy.close(() => r()))

@@ -32,6 +32,14 @@ const harness: OrmHarness = {
         await prisma.note.create({ data: { v } })
       },
       failingStatement: () => prisma.$executeRawUnsafe('SELECT 1 / 0'),
+      pidAndSleep: async (seconds) => {
+        // pg_sleep in FROM: its void result is never a column Prisma has to read.
+        const rows: { pid: number }[] = await prisma.$queryRawUnsafe(
+          'SELECT pg_backend_pid() AS pid FROM pg_sleep($1)',
+          seconds,
+        )
+        return rows[0]!.pid
+      },
       pool: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: async () => {
         await prisma.$disconnect()

@@ -23,6 +23,12 @@ const harness: OrmHarness = {
         await db.insert(notes).values({ v })
       },
       failingStatement: () => db.execute(sql`SELECT 1 / 0`),
+      pidAndSleep: async (seconds) => {
+        const { rows } = await db.execute<{ pid: number }>(
+          sql`SELECT pg_backend_pid() AS pid, pg_sleep(${seconds})`,
+        )
+        return rows[0]!.pid
+      },
       pool: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: () => scope.close(),
     }

@@ -22,6 +22,14 @@ const harness: OrmHarness = {
         await em.flush()
       },
       failingStatement: async () => (await currentEntityManager(scope)).execute('SELECT 1 / 0'),
+      // A tracked use: the session knows a statement runs, so an abort can cancel it (a statement
+      // through currentEntityManager() is not tracked, and is never cancelled).
+      pidAndSleep: async (seconds) => {
+        const rows = await scope
+          .getSession()
+          .use((em) => em.execute('SELECT pg_backend_pid() AS pid, pg_sleep(?)', [seconds]))
+        return rows[0]!.pid
+      },
       pool: () => poolFigures(orm),
       close: () => scope.close(),
     }

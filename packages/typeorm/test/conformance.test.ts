@@ -32,6 +32,8 @@ const harness: OrmHarness = {
         await db.insert(NoteSchema, { v })
       },
       failingStatement: () => db.query('SELECT 1 / 0'),
+      pidAndSleep: async (seconds) =>
+        (await db.query('SELECT pg_backend_pid() AS pid, pg_sleep($1)', [seconds]))[0].pid,
       pool: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: () => scope.close(),
     }
