@@ -109,7 +109,7 @@ describe('a session used after its scope ended', () => {
           .getSession()
           .use((c) => c.query("INSERT INTO notes (v) VALUES ('after remove')"))
         await expect(kept.use((c) => c.query('SELECT 1'))).rejects.toThrow(
-          /closed by remove\(\)[^]*Closed at:\n.*session-after-scope\.test\.ts/,
+          /closed by remove\(\)[\s\S]*Closed at:\n.*session-after-scope\.test\.ts/,
         )
       },
       { name: 'POST /removed' },
