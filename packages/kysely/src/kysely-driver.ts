@@ -10,6 +10,7 @@ import {
   type DatabaseConnection,
   type Dialect,
   type Driver as KyselyDialectDriver,
+  PostgresDriver,
   type QueryCompiler,
   type TransactionSettings,
 } from 'kysely'
@@ -81,6 +82,11 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   #driver: KyselyDialectDriver
   #compiler: QueryCompiler
   #postgres: boolean
+  /**
+   * Kysely's own PostgresDriver, its BEGIN and COMMIT not overridden (a
+   * subclassed dialect may add to them): those statements are sent directly.
+   */
+  #plainPostgres = false
   #pool: PgPoolLike | undefined
   #clients: PgClients | undefined
   /** Cancels in flight, by pg client: a client goes back to the pool only once its cancel is done. */
@@ -163,6 +169,10 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     this.name = name
     this.dialect = dialect
     this.#driver = dialect.createDriver()
+    this.#plainPostgres =
+      this.#postgres &&
+      this.#driver.beginTransaction === PostgresDriver.prototype.beginTransaction &&
+      this.#driver.commitTransaction === PostgresDriver.prototype.commitTransaction
     this.#compiler = dialect.createQueryCompiler()
     this.#isFatal = isFatal
     this.#isRetryable = isRetryable ?? (this.#postgres ? isRetryablePgError : undefined)
@@ -180,11 +190,18 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       : raw.then((r) => new SerialConnection(r))
   }
 
-  /** PostgreSQL with a pool: link the connection to its pg client by backend pid. */
-  async #identify(raw: DatabaseConnection): Promise<SerialConnection> {
+  /**
+   * PostgreSQL with a pool: link the connection to its pg client by backend
+   * pid. Known after a physical connection's first checkout: no promise then.
+   */
+  #identify(raw: DatabaseConnection): SerialConnection | Promise<SerialConnection> {
     const conn = new SerialConnection(raw)
     conn.pid = this.#pids.get(raw)
     if (conn.pid !== undefined) return conn
+    return this.#identifyFirst(conn, raw)
+  }
+
+  async #identifyFirst(conn: SerialConnection, raw: DatabaseConnection): Promise<SerialConnection> {
     try {
       conn.pid = await this.#pidOf(raw)
     } catch (e) {
@@ -233,6 +250,13 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   }
 
   begin(conn: DatabaseConnection, opts: TxOptions, _info?: SessionInfo): Promise<void> {
+    if (this.#plainPostgres && opts.isolation === undefined && opts.readOnly === undefined) {
+      // What PostgresDriver.beginTransaction sends, without its async wrapper: once per unit of work.
+      const serial = own(conn)
+      if (!serial) return foreign()
+      serial.failed = false // a new transaction: nothing in it failed yet
+      return serial.run(runBegin)
+    }
     return this.beginTransaction(conn, toSettings(opts))
   }
 
@@ -248,6 +272,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     const conn = own(connection)
     if (!conn) return foreign()
     if (this.#postgres && conn.failed) return this.#commitAfterFailure(conn)
+    if (this.#plainPostgres) return conn.run(runCommit)
     return conn.run((raw) => this.#driver.commitTransaction(raw))
   }
 
@@ -385,6 +410,13 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
 }
 
 /** This driver's connection behind a DatabaseConnection the core hands back; undefined if foreign. */
+// PostgreSQL's transaction control, exactly as Kysely's PostgresDriver sends it, built once.
+const BEGIN = CompiledQuery.raw('begin')
+const COMMIT = CompiledQuery.raw('commit')
+const nothing = (): void => {}
+const runBegin = (raw: DatabaseConnection): Promise<void> => raw.executeQuery(BEGIN).then(nothing)
+const runCommit = (raw: DatabaseConnection): Promise<void> => raw.executeQuery(COMMIT).then(nothing)
+
 function own(conn: DatabaseConnection): SerialConnection | undefined {
   return conn instanceof SerialConnection ? conn : undefined
 }
