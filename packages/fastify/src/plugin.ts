@@ -41,7 +41,10 @@ function scopeOf(request: FastifyRequest): RequestScope | null | undefined {
 
 /**
  * Wrap a route handler so the request knows when it runs: after a client
- * abort the connection is released only once the handler settled.
+ * abort the connection is released only once the handler settled. Nothing is
+ * attached to the handler's promise here (a request that never needs to know
+ * costs no reaction); the request watches it only when an abort or a rollback
+ * asks whether it still runs.
  */
 function trackHandler(handler: RouteHandlerMethod): RouteHandlerMethod {
   return function tracked(this: FastifyInstance, request, reply) {
@@ -55,14 +58,26 @@ function trackHandler(handler: RouteHandlerMethod): RouteHandlerMethod {
       scope.handlerSettled()
       throw error
     }
-    if (result !== null && typeof (result as PromiseLike<unknown>)?.then === 'function') {
-      const settled = () => scope.handlerSettled()
-      ;(result as PromiseLike<unknown>).then(settled, settled)
-    } else {
-      scope.handlerSettled()
-    }
+    scope.handlerReturned(result)
     return result
   } as RouteHandlerMethod
+}
+
+/**
+ * Can this request have a body (so a content-type parser may read it from
+ * `req` events)? Without Content-Type, Transfer-Encoding or a non-zero
+ * Content-Length, an HTTP/1 request has none, and Fastify parses nothing.
+ */
+function mayHaveBody(request: FastifyRequest): boolean {
+  const raw = request.raw
+  if (raw.httpVersionMajor !== 1) return true
+  const headers = raw.headers
+  const length = headers['content-length']
+  return (
+    headers['content-type'] !== undefined ||
+    headers['transfer-encoding'] !== undefined ||
+    (length !== undefined && length !== '0')
+  )
 }
 
 /** `req` events (body chunks, end, errors) run outside AsyncLocalStorage; run them inside the request's scope. */
@@ -144,11 +159,12 @@ function scopedSessionPlugin(
       return
     }
     ;(request as unknown as Record<symbol, RequestScope>)[kScope] = state
-    bindRequestEvents(request, state.open)
+    if (mayHaveBody(request)) bindRequestEvents(request, state.open)
     state.open.enter(next)
   })
 
-  // The body was read in req listeners; resume the rest of the chain inside the scope.
+  // The body was read in req listeners, and a hook may have called back from another
+  // context: resume the rest of the chain inside the scope.
   fastify.addHook('preValidation', (request: FastifyRequest, _reply: FastifyReply, next) => {
     const state = scopeOf(request)
     if (state) state.open.enter(next)

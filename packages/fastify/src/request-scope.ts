@@ -27,6 +27,11 @@ type HandlerState = 'not-started' | 'running' | 'settled'
 
 const objectTag = Object.prototype.toString
 
+/** What `#finishNow` returns when the unit of work cannot end without awaiting. */
+const notYet = Symbol('not yet')
+/** `#ending` of a unit of work that ended at once, without a failure (one promise for all of them). */
+const endedCleanly: Promise<unknown> = Promise.resolve(undefined)
+
 /** @internal */
 export class RequestScope {
   readonly open: OpenScope<unknown>
@@ -35,6 +40,12 @@ export class RequestScope {
   /** The first error thrown in the chain, boxed (so `throw undefined` still counts). */
   #error: { value: unknown } | undefined
   #handler: HandlerState = 'not-started'
+  /**
+   * The promise the handler returned, while it may still be pending. Nothing
+   * listens to it until an abort or a rollback needs to know (`#watch`).
+   */
+  #running: PromiseLike<unknown> | undefined
+  #watching = false
   /** onSend ran: a response (or its stream) is on its way. */
   #responded = false
   /** The response went out as a rollback while the handler still ran: end when it settles. */
@@ -53,7 +64,7 @@ export class RequestScope {
     this.open = open
     this.#reply = reply
     this.#options = options
-    reply.raw.once('close', () => this.#onClose())
+    reply.raw.on('close', () => this.#onClose())
   }
 
   /** onError: remember the first error; any error makes the default commitOn roll back. */
@@ -74,12 +85,38 @@ export class RequestScope {
     this.#handler = 'running'
   }
 
-  /** The route handler returned, threw, or its promise settled. */
+  /** The route handler returned: a promise may still run (watched only when it matters), anything else is done. */
+  handlerReturned(result: unknown): void {
+    if (
+      result !== null &&
+      typeof (result as PromiseLike<unknown> | undefined)?.then === 'function'
+    ) {
+      this.#running = result as PromiseLike<unknown>
+      // A rollback answered, or 'close' came, while the handler ran synchronously: it ends when this settles.
+      if (this.#deferred || this.#closed) this.#watch()
+    } else {
+      this.handlerSettled()
+    }
+  }
+
+  /** The route handler threw, returned, or its promise settled. */
   handlerSettled(): void {
     this.#handler = 'settled'
+    this.#running = undefined
     if (this.#ending) return
     if (this.#deferred || this.#closed) void this.#finishQuietly(this.#afterClose())
     // Otherwise the reply is on its way: onSend (or, for a hijacked reply, 'close') ends it.
+  }
+
+  /** Listen (once) to the handler's promise: handlerSettled when it settles. */
+  #watch(): void {
+    const running = this.#running
+    if (this.#watching || running === undefined) return
+    this.#watching = true
+    const settled = () => {
+      if (this.#running === running) this.handlerSettled()
+    }
+    running.then(settled, settled)
   }
 
   /**
@@ -138,17 +175,58 @@ export class RequestScope {
       }
     }
     if (!commit && (timedOut || this.#handler === 'running')) {
-      // A rollback answered while the chain still runs (handlerTimeout, or a reply sent
-      // before the handler finished): the response goes out now, without waiting for the
-      // running statement; the unit of work ends when the handler settles, never under it.
-      this.#deferred = true
-      if (this.#handler !== 'running') void this.#finishQuietly(false)
-      done(null, payload)
+      if (!timedOut && this.#running !== undefined) {
+        // A rollback, and the handler returned a promise nobody listened to: has it settled
+        // (it threw, and this is its error response) or does it still run? Listen to it: if
+        // it settled, its reaction runs before this next turn.
+        this.#watch()
+        this.#firstPass = endedCleanly.then(() => {
+          if (this.#handler === 'running') {
+            this.#rollBackLater(payload, (error, value) => this.#deliver(done, error, value))
+            return undefined
+          }
+          return this.#endThenDeliver(false, payload, done)
+        })
+        return
+      }
+      this.#rollBackLater(payload, done)
       return
     }
+    this.#firstPass = this.#endThenDeliver(commit, payload, done)
+  }
+
+  /**
+   * A rollback answered while the chain still runs (handlerTimeout, or a reply sent
+   * before the handler finished): the response goes out now, without waiting for the
+   * running statement; the unit of work ends when the handler settles, never under it.
+   */
+  #rollBackLater(payload: unknown, done: (error: Error | null, payload?: unknown) => void): void {
+    this.#deferred = true
+    if (this.#handler !== 'running') void this.#finishQuietly(false)
+    else this.#watch()
+    done(null, payload)
+  }
+
+  /**
+   * Commit or roll back, then hand the payload on: at once when nothing needs awaiting
+   * (no session, or one that never checked a connection out), else after the end.
+   * Returns the pending first pass, if there is one.
+   */
+  #endThenDeliver(
+    commit: boolean,
+    payload: unknown,
+    done: (error: Error | null, payload?: unknown) => void,
+  ): Promise<void> | undefined {
+    const now = this.#finishNow(commit)
+    if (now !== notYet) {
+      if (now !== undefined) this.#deliver(done, commitError(this.open.name, now))
+      else this.#deliver(done, null, payload)
+      return undefined
+    }
+    const reply = this.#reply
     const status = reply.statusCode
     const contentType = reply.getHeader('content-type')
-    this.#firstPass = this.#finish(commit).then((failure) => {
+    return this.#finish(commit).then((failure) => {
       if (failure !== undefined) {
         this.#deliver(done, commitError(this.open.name, failure))
         return
@@ -195,7 +273,12 @@ export class RequestScope {
         ...(timeout && { detail: 'the server timed the connection out' }),
       })
     }
-    if (this.#ending || this.#handler === 'running') return
+    if (this.#ending) return
+    if (this.#handler === 'running') {
+      // It ends when the handler settles.
+      this.#watch()
+      return
+    }
     void this.#finishQuietly(this.#afterClose())
   }
 
@@ -247,22 +330,44 @@ export class RequestScope {
 
   /** End the unit of work, once. Resolves to what made a requested commit fail (undefined when nothing did). */
   #finish(commit: boolean): Promise<unknown> {
-    this.#ending ??= this.open.end({ commit }).then(
+    if (this.#ending || this.#finishNow(commit) !== notYet) return this.#ending!
+    this.#ending = this.open.end({ commit }).then(
       () => undefined,
-      (error: unknown) => {
-        if (commit) {
-          this.#commitFailed = true
-          return error ?? new Error('commit failed')
-        }
-        // A rollback does not fail (the core destroys a connection it cannot roll back); this is a bug.
-        this.#reply.log.error(
-          { err: error },
-          `[scoped] ending the unit of work of ${this.open.name} failed`,
-        )
-        return undefined
-      },
+      (error: unknown) => this.#failed(commit, error),
     )
     return this.#ending
+  }
+
+  /**
+   * End the unit of work at once if nothing needs awaiting (most requests that never
+   * touched the database): what made a requested commit fail (undefined when nothing
+   * did), or `notYet` (having done nothing) when #finish must await the end.
+   */
+  #finishNow(commit: boolean): unknown {
+    if (this.#ending) return notYet
+    try {
+      if (!this.open.endNow(commit)) return notYet
+    } catch (error) {
+      const failure = this.#failed(commit, error)
+      this.#ending = Promise.resolve(failure)
+      return failure
+    }
+    this.#ending = endedCleanly
+    return undefined
+  }
+
+  /** The end failed: a failed commit is what #finish resolves to; a failed rollback is a bug, logged. */
+  #failed(commit: boolean, error: unknown): unknown {
+    if (commit) {
+      this.#commitFailed = true
+      return error ?? new Error('commit failed')
+    }
+    // A rollback does not fail (the core destroys a connection it cannot roll back); this is a bug.
+    this.#reply.log.error(
+      { err: error },
+      `[scoped] ending the unit of work of ${this.open.name} failed`,
+    )
+    return undefined
   }
 
   /** #finish where nobody waits for the outcome (the response is gone): a failed commit is logged. */
