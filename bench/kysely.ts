@@ -18,12 +18,14 @@
  * the ratio is taken within the same run (target: ≥ 0.97). Not a test;
  * prints a markdown table.
  */
+import { spawnSync } from 'node:child_process'
 import os from 'node:os'
 import { createScope } from '@scoped/core'
 import { kyselyDriver, scopedKysely } from '@scoped/kysely'
 import { type Generated, Kysely, PostgresDialect, type PostgresPool } from 'kysely'
 import pg from 'pg'
 import { startDatabase } from '../scripts/embedded-db.ts'
+import { bundle } from './lib/bundle.ts'
 
 const ROUNDS = Number(process.env.ROUNDS ?? 11)
 const POOL_SIZE = 8
@@ -149,6 +151,20 @@ async function main(): Promise<void> {
     captureStacks: true,
   })
   const devDb = scopedKysely<DB>(devScope, { dialect })
+  // node-postgres 8.23's pipeline mode: the unit's BEGIN goes out with its first statement.
+  const pipePool = new pg.Pool({
+    connectionString: url,
+    max: POOL_SIZE,
+    pipeline: true,
+  } as pg.PoolConfig)
+  const pipeDialect = new PostgresDialect({ pool: pipePool })
+  const pipeScope = createScope({
+    driver: kyselyDriver(pipeDialect, { pool: pipePool }),
+    name: 'bench-pipeline',
+    default: false,
+    captureStacks: false,
+  })
+  const pipeDb = scopedKysely<DB>(pipeScope, { dialect: pipeDialect })
 
   const plainUnit = (id: number) =>
     plain
@@ -161,10 +177,29 @@ async function main(): Promise<void> {
       devDb.selectFrom('items').selectAll().where('id', '=', id).executeTakeFirst(),
     )
 
+  const pipeUnit = (id: number) =>
+    pipeScope.run(() =>
+      pipeDb.selectFrom('items').selectAll().where('id', '=', id).executeTakeFirst(),
+    )
+
   const where = '`selectFrom(items) … where id = ?`'
   const cases: Case[] = [
     { name: where, concurrency: 1, ops: 1_000, plain: plainUnit, scoped: scopedUnit },
     { name: where, concurrency: POOL_SIZE, ops: 4_000, plain: plainUnit, scoped: scopedUnit },
+    {
+      name: `${where}, scopedKysely on a \`pipeline: true\` pg pool`,
+      concurrency: 1,
+      ops: 1_000,
+      plain: plainUnit,
+      scoped: pipeUnit,
+    },
+    {
+      name: `${where}, scopedKysely on a \`pipeline: true\` pg pool`,
+      concurrency: POOL_SIZE,
+      ops: 4_000,
+      plain: plainUnit,
+      scoped: pipeUnit,
+    },
     {
       name: `${where}, captureStacks: true (dev default)`,
       concurrency: POOL_SIZE,
@@ -183,6 +218,7 @@ async function main(): Promise<void> {
   } finally {
     await plain.destroy()
     await devScope.close({ timeoutMs: 1_000 }).catch(() => {}) // shares scopedPool; the next close ends it
+    await pipeScope.close()
     await scope.close()
     await new Promise((r) => setTimeout(r, 200)) // let the ended clients' sockets close first
     await server.stop()
@@ -280,4 +316,16 @@ async function whereTheCpuGoes(): Promise<string> {
   return lines.join('\n')
 }
 
-await main()
+if (process.env.BENCH_BUNDLED === '1') {
+  await main()
+} else {
+  // Measure the code as it ships: bundled like the HTTP suites' servers (tsx would run our
+  // TypeScript sources with a name-keeping helper around every function, which plain Kysely,
+  // loaded from node_modules, does not pay).
+  const out = await bundle('kysely.ts', 'kysely')
+  const { status } = spawnSync(process.execPath, [out], {
+    stdio: 'inherit',
+    env: { ...process.env, BENCH_BUNDLED: '1', NODE_ENV: 'production' },
+  })
+  process.exitCode = status ?? 1
+}

@@ -78,6 +78,12 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   readonly dialect: Dialect
   readonly poolStats?: () => PoolStats
   readonly cancel?: (conn: DatabaseConnection) => Promise<void>
+  /**
+   * PostgresDialect with `pool`, on a pg pool made with `pipeline: true`: the
+   * unit of work's BEGIN goes on the wire with its first statement (the core
+   * sends it without waiting; see Driver.pipelined).
+   */
+  readonly pipelined?: (conn: DatabaseConnection) => boolean
 
   #driver: KyselyDialectDriver
   #compiler: QueryCompiler
@@ -173,6 +179,9 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       this.#postgres &&
       this.#driver.beginTransaction === PostgresDriver.prototype.beginTransaction &&
       this.#driver.commitTransaction === PostgresDriver.prototype.commitTransaction
+    if (this.#plainPostgres && this.#clients) {
+      this.pipelined = (conn) => own(conn)?.pipelined === true
+    }
     this.#compiler = dialect.createQueryCompiler()
     this.#isFatal = isFatal
     this.#isRetryable = isRetryable ?? (this.#postgres ? isRetryablePgError : undefined)
@@ -197,8 +206,9 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   #identify(raw: DatabaseConnection): SerialConnection | Promise<SerialConnection> {
     const conn = new SerialConnection(raw)
     conn.pid = this.#pids.get(raw)
-    if (conn.pid !== undefined) return conn
-    return this.#identifyFirst(conn, raw)
+    if (conn.pid === undefined) return this.#identifyFirst(conn, raw)
+    conn.pipelined = this.#clients!.client(conn.pid)?.pipeline === true
+    return conn
   }
 
   async #identifyFirst(conn: SerialConnection, raw: DatabaseConnection): Promise<SerialConnection> {
@@ -208,6 +218,7 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       await this.release(conn, { destroy: true, error: e })
       throw e
     }
+    conn.pipelined = this.#clients!.client(conn.pid)?.pipeline === true
     return conn
   }
 
@@ -255,7 +266,8 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       const serial = own(conn)
       if (!serial) return foreign()
       serial.failed = false // a new transaction: nothing in it failed yet
-      return serial.run(runBegin)
+      // Pipelined: BEGIN does not hold the queue, so the first statement follows it at once.
+      return serial.pipelined ? serial.runAhead(runBegin) : serial.run(runBegin)
     }
     return this.beginTransaction(conn, toSettings(opts))
   }

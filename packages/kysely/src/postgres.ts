@@ -27,6 +27,8 @@ export interface PgPoolLike {
 
 /** The members of a pg `PoolClient` used here. */
 interface PgClientLike extends CancellableClient {
+  /** node-postgres 8.23+ `pipeline: true`: statements go on the wire without waiting for the previous one. */
+  pipeline?: boolean
   release(error?: Error | boolean): void
   on(event: 'error', listener: (error: Error) => void): unknown
 }

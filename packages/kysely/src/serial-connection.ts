@@ -28,6 +28,8 @@ export class SerialConnection implements DatabaseConnection {
   failed = false
   /** The backend pid, when the driver learned it (PostgreSQL with a pool). */
   pid: number | undefined
+  /** Its pg client is in pipeline mode (node-postgres `pipeline: true`): it keeps the order itself. */
+  pipelined = false
 
   /** A statement (or a stream) is running on the raw connection. */
   #active = false
@@ -47,6 +49,26 @@ export class SerialConnection implements DatabaseConnection {
   run<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
     if (this.#streaming) return Promise.reject(this.#busy())
     return this.#enqueue(fn)
+  }
+
+  /**
+   * On a pipelined pg client only: send `fn`'s statement now without holding
+   * the queue, so the next one goes on the wire right behind it instead of
+   * waiting for its answer (pg answers them in order). Used for the unit of
+   * work's BEGIN. When something already runs, it queues as `run()` does.
+   */
+  runAhead<T>(fn: (raw: DatabaseConnection) => Promise<T>): Promise<T> {
+    if (!this.pipelined || this.#active || this.#streaming) return this.run(fn)
+    let sent: Promise<T>
+    try {
+      sent = fn(this.raw)
+    } catch (e) {
+      sent = Promise.reject(e)
+    }
+    return sent.then(undefined, (error) => {
+      if (isPgServerError(error)) this.failed = true
+      throw error
+    })
   }
 
   executeQuery<R>(compiledQuery: CompiledQuery): Promise<QueryResult<R>> {

@@ -12,6 +12,7 @@ import { pgDriver, scopedPool } from '@scoped/pg'
 import pg from 'pg'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
+import { recordWire } from '../../../test/support/wire.ts'
 
 let url: string
 const app = `pg_pipeline_${process.pid}`
@@ -29,21 +30,7 @@ function makeScope(config: pg.PoolConfig & { pipeline?: boolean } = {}) {
     pipeline: true,
     ...config,
   } as pg.PoolConfig)
-  pool.on('connect', (client) => {
-    const stream = (client as unknown as { connection: { stream: NodeJS.WritableStream } })
-      .connection.stream as unknown as {
-      write: (chunk: Buffer, ...rest: unknown[]) => boolean
-      on: (e: string, f: () => void) => void
-    }
-    const write = stream.write.bind(stream)
-    stream.write = (chunk: Buffer, ...rest: unknown[]) => {
-      const text = chunk.toString('utf8')
-      const sql = /(BEGIN|COMMIT|ROLLBACK|INSERT|SELECT)/.exec(text)?.[1]
-      if (sql) wire.push(`write ${sql}`)
-      return write(chunk, ...rest)
-    }
-    stream.on('data', () => wire.push('read'))
-  })
+  recordWire(pool, wire)
   pools.push(pool)
   const scope = createScope({ driver: pgDriver(pool), default: false, name: 'pipeline' })
   scopes.push(scope)
