@@ -20,14 +20,14 @@ import { type BodyState, liveBody } from './response-body.js'
 interface RawResponse {
   readonly writableFinished: boolean
   readonly closed?: boolean
-  once(event: 'close', listener: () => void): unknown
+  on(event: 'close', listener: () => void): unknown
 }
 
 function rawResponse(c: Context): RawResponse | undefined {
   const env: unknown = c.env
   if (typeof env !== 'object' || env === null) return undefined
   const out = (env as { outgoing?: Partial<RawResponse> }).outgoing
-  if (out && typeof out.once === 'function' && typeof out.writableFinished === 'boolean') {
+  if (out && typeof out.on === 'function' && typeof out.writableFinished === 'boolean') {
     return out as RawResponse
   }
   return undefined
@@ -56,7 +56,7 @@ export class RequestLifecycle<C> {
       // 'close' fires on every path: after a clean finish, on client aborts, on
       // socket timeouts. Before the finish it means the client is gone.
       if (raw.closed) this.#gone(false)
-      else raw.once('close', () => this.#gone(raw.writableFinished))
+      else raw.on('close', () => this.#gone(raw.writableFinished))
     } else {
       // Other runtimes (Bun, Deno, app.request()): the request's signal is all there is.
       const signal = c.req.raw.signal
@@ -79,9 +79,20 @@ export class RequestLifecycle<C> {
   abort(kind: 'client-abort' | 'timeout', cancel: boolean): void {
     // Once end() started, the outcome is being written to the database; an
     // abort now would only make end() report a commit that did happen as failed.
-    if (this.#ending) return
+    if (this.#ending || this.#open.ended) return
     this.#aborted = true
     this.#open.abort(kind, { cancel })
+  }
+
+  /**
+   * `end()` at once, when the unit of work has nothing to wait for (it never
+   * queried, or ran autocommit statements only): true when it ended, false
+   * (having done nothing) when the caller must await `end()`. Throws what
+   * `end()` would reject with; later `end()` calls share the outcome.
+   */
+  endNow(commit: boolean): boolean {
+    if (this.#ending) return false
+    return this.#open.endNow(commit && !this.#aborted)
   }
 
   /** End the unit of work once (COMMIT when `commit` and not aborted); later calls share the first. */
@@ -147,6 +158,7 @@ export class RequestLifecycle<C> {
   }
 
   #gone(finished: boolean): void {
+    if (this.#open.ended) return // it ended before the response did: nothing left to do
     if (!finished) this.abort('client-abort', this.#cancelOnAbort)
     if (!this.#chainDone) {
       this.#closedEarly = true

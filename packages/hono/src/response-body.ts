@@ -69,6 +69,16 @@ function isFixed(body: unknown): boolean {
   )
 }
 
+/**
+ * True when `res`'s body is finished without reading it (no body, a string,
+ * bytes, a blob on node-server's lightweight Response); false when only
+ * `inspectBody()` can tell.
+ */
+export function bodyIsFinished(res: Response): boolean {
+  const cached = lightweightBody(res)
+  return cached !== undefined && isFixed(cached.body)
+}
+
 /** `waiting`, after a few microtask hops: bodies already in memory are read by then. */
 function hops(): Promise<typeof waiting> {
   return Promise.resolve()

@@ -4,9 +4,13 @@
  */
 import { getDefaultScope, type Scope } from '@scoped/core'
 import type { Context, MiddlewareHandler } from 'hono'
-import { resolveSessionOptions, type ScopedSessionOptions } from './options.js'
+import {
+  type ResolvedSessionOptions,
+  resolveSessionOptions,
+  type ScopedSessionOptions,
+} from './options.js'
 import { RequestLifecycle } from './request-lifecycle.js'
-import { inspectBody } from './response-body.js'
+import { bodyIsFinished, inspectBody } from './response-body.js'
 
 function describe(v: unknown): string {
   if (typeof v === 'string') return JSON.stringify(v)
@@ -95,7 +99,7 @@ export function scopedSession<C = unknown>(
   const target = resolveScope(scope)
   const opts = resolveSessionOptions(options)
 
-  return async function scopedSession(c, next) {
+  return function scopedSession(c, next) {
     const name = opts.name(c)
     if (typeof name !== 'string' || name === '') {
       throw new TypeError(
@@ -110,85 +114,132 @@ export function scopedSession<C = unknown>(
       ...(typeof requestId === 'string' && { requestId }),
     })
     const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c)
-
     const errorBefore = c.error
-    let threw = false
-    let thrown: unknown
+    let chain: Promise<void>
     try {
-      await open.enter(next)
+      chain = open.enter(next)
     } catch (e) {
-      // Non-Error values get here (and what app.onError rethrows): Hono hands
-      // Errors to app.onError and sets c.error instead of rejecting next().
-      threw = true
-      thrown = e
+      chain = Promise.reject(e)
     }
-    life.chainSettled()
-    const handled = c.error !== errorBefore ? c.error : undefined
+    // Not an async function: a request whose unit of work ends at once (nothing to commit, a
+    // finished body) settles in the one reaction below, without promises of our own.
+    return chain.then(
+      () => chainReturned(c, life, opts, errorBefore),
+      (e: unknown) => chainThrew(life, e),
+    )
+  }
+}
 
-    if (threw) {
-      await life.rollback()
-      throw thrown
-    }
-    let commitHandled = false
-    if (handled !== undefined && !isTimeout(handled)) {
-      // An Error that app.onError turned into a response: the default commitOn rolls it
-      // back; a custom one sees the error and may keep the work (e.g. a thrown 409 that
-      // is an answer, not a failure).
-      try {
-        commitHandled = opts.commitOn({ status: c.res.status, error: handled }) === true
-      } catch (e) {
-        await life.rollback()
-        throw e
-      }
-    }
-    if (handled !== undefined && !commitHandled) {
-      // A timeout middleware answered while the handler still runs: stop its statement.
-      if (isTimeout(handled)) life.abort('timeout', true)
-      const answer = c.res
-      await life.rollback()
-      // The orphan fails too (its checkout or statement was cut short by the abort), and its
-      // error reaches app.onError some microtask turns later, however deep its call chain: let
-      // it land before restoring the timeout's answer, or its 500 would replace the 504.
-      await new Promise<void>((resolve) => setTimeout(resolve, 0))
-      // The orphaned handler's own failure (its cancelled statement) went through
-      // app.onError meanwhile and replaced the response: the chain had answered.
-      if (c.res !== answer) replaceResponse(c, answer)
-      c.error = handled
-      return
-    }
+/**
+ * What `next()` rejected with: non-Error values (and what app.onError rethrows),
+ * since Hono hands Errors to app.onError and sets c.error instead of rejecting.
+ */
+async function chainThrew<C>(life: RequestLifecycle<C>, thrown: unknown): Promise<never> {
+  life.chainSettled()
+  await life.rollback()
+  throw thrown
+}
 
-    if (life.aborted) {
-      // The client left while the chain ran: no body will be read, nothing commits.
-      await life.rollback()
-      return
-    }
+/**
+ * The chain returned. The common case (no error, the client still there, a
+ * finished body, a unit of work that ends without waiting: e.g. one that never
+ * queried) ends here synchronously; the rest goes to the async paths.
+ */
+function chainReturned<C>(
+  c: Context,
+  life: RequestLifecycle<C>,
+  opts: ResolvedSessionOptions,
+  errorBefore: unknown,
+): Promise<void> | undefined {
+  life.chainSettled()
+  if (c.error !== errorBefore || life.aborted) return afterErrorOrAbort(c, life, opts, errorBefore)
+  let commit: boolean
+  try {
+    commit = opts.commitOn({ status: c.res.status, error: undefined }) === true
+  } catch (e) {
+    return chainThrew(life, e)
+  }
+  if (!bodyIsFinished(c.res)) return inspectThenEnd(c, life, commit)
+  try {
+    if (life.endNow(commit)) return undefined
+  } catch (e) {
+    commitFailed(c, e)
+  }
+  return life.end(commit).then(undefined, (e: unknown) => commitFailed(c, e))
+}
 
-    let commit: boolean
+/** COMMIT failed (or the unit of work was aborted, or its connection taken): the handler's response must not go out. app.onError answers instead. */
+function commitFailed(c: Context, e: unknown): never {
+  replaceResponse(c, undefined)
+  throw asError(e)
+}
+
+/** An Error answered by app.onError (or a timeout), or a client that left while the chain ran. */
+async function afterErrorOrAbort<C>(
+  c: Context,
+  life: RequestLifecycle<C>,
+  opts: ResolvedSessionOptions,
+  errorBefore: unknown,
+): Promise<void> {
+  const handled = c.error !== errorBefore ? c.error : undefined
+  let commitHandled = false
+  if (handled !== undefined && !isTimeout(handled)) {
+    // An Error that app.onError turned into a response: the default commitOn rolls it
+    // back; a custom one sees the error and may keep the work (e.g. a thrown 409 that
+    // is an answer, not a failure).
     try {
-      commit = commitHandled || opts.commitOn({ status: c.res.status, error: undefined }) === true
+      commitHandled = opts.commitOn({ status: c.res.status, error: handled }) === true
     } catch (e) {
       await life.rollback()
       throw e
     }
-
-    const body = await inspectBody(c.res)
-    if (body.kind === 'live') {
-      replaceResponse(c, life.liveResponse(c.res, body, commit))
-      return
-    }
-    if (body.kind === 'failed') {
-      await life.rollback()
-      replaceResponse(c, undefined)
-      throw asError(body.error)
-    }
-    try {
-      await life.end(commit)
-    } catch (e) {
-      // COMMIT failed (or the unit of work was aborted, or its connection taken):
-      // the handler's response must not go out. app.onError answers instead.
-      replaceResponse(c, undefined)
-      throw asError(e)
-    }
-    if (body.replacement) replaceResponse(c, body.replacement)
   }
+  if (handled !== undefined && !commitHandled) {
+    // A timeout middleware answered while the handler still runs: stop its statement.
+    if (isTimeout(handled)) life.abort('timeout', true)
+    const answer = c.res
+    await life.rollback()
+    // The orphan fails too (its checkout or statement was cut short by the abort), and its
+    // error reaches app.onError some microtask turns later, however deep its call chain: let
+    // it land before restoring the timeout's answer, or its 500 would replace the 504.
+    await new Promise<void>((resolve) => setTimeout(resolve, 0))
+    // The orphaned handler's own failure (its cancelled statement) went through
+    // app.onError meanwhile and replaced the response: the chain had answered.
+    if (c.res !== answer) replaceResponse(c, answer)
+    c.error = handled
+    return
+  }
+
+  if (life.aborted) {
+    // The client left while the chain ran: no body will be read, nothing commits.
+    await life.rollback()
+    return
+  }
+
+  // A handled error that commitOn keeps: end as for a returned response.
+  await inspectThenEnd(c, life, true)
+}
+
+/** A body that may still be produced: read ahead to tell, then end now or when it ends. */
+async function inspectThenEnd<C>(
+  c: Context,
+  life: RequestLifecycle<C>,
+  commit: boolean,
+): Promise<void> {
+  const body = await inspectBody(c.res)
+  if (body.kind === 'live') {
+    replaceResponse(c, life.liveResponse(c.res, body, commit))
+    return
+  }
+  if (body.kind === 'failed') {
+    await life.rollback()
+    replaceResponse(c, undefined)
+    throw asError(body.error)
+  }
+  try {
+    await life.end(commit)
+  } catch (e) {
+    commitFailed(c, e)
+  }
+  if (body.replacement) replaceResponse(c, body.replacement)
 }
