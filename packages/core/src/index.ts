@@ -44,6 +44,7 @@ export {
   createScope,
   type JobOptions,
   type LoopOptions,
+  type OpenOptions,
   OpenScope,
   type RunOptions,
   type Scope,

@@ -40,6 +40,19 @@ export interface RunOptions {
   release?: ReleaseMode
 }
 
+/**
+ * The options of `scope.open()`: `run()`'s, and a `name` that may be a
+ * function, for an adapter that learns the name after the scope opened (an
+ * Express route is known only after routing). The function is asked each
+ * time the name is read (when the session is made, in error messages), so it
+ * must be cheap and must not throw.
+ */
+export interface OpenOptions extends Omit<RunOptions, 'name'> {
+  name?: string | (() => string)
+  /** `request`, `job`, …: how error messages speak of the scope. Default `scope`. */
+  kind?: string
+}
+
 export interface JobOptions extends RunOptions {
   /** Abort the job (rollback, cancel its running statement) after this many ms. */
   timeoutMs?: number
@@ -105,7 +118,7 @@ export interface Scope<C> {
   /** Close the current session now (rolling back what is not committed); the next `getSession()` opens a new one. */
   remove(): Promise<void>
   /** For adapters: open a scope whose end the caller controls. */
-  open(opts?: RunOptions & { kind?: string }): OpenScope<C>
+  open(opts?: OpenOptions): OpenScope<C>
   stats(): ScopeStats
   /** Sessions holding a connection now, longest-held first. */
   holders(): Holder[]
@@ -162,12 +175,12 @@ export interface ScopeCore<C> {
  * ```
  */
 export class OpenScope<C> {
-  readonly name: string
   readonly requestId: string | undefined
   /** `request`, `job` or `scope`: how error messages speak of it. */
   readonly kind: string
   /** @internal */ aborted: ScopeAbortedError | undefined
 
+  #name: string | (() => string)
   #scope: ScopeImpl<C>
   #mode: TransactionMode
   #releaseIdle: boolean
@@ -185,9 +198,9 @@ export class OpenScope<C> {
   #abortWaiters: Set<() => void> | undefined
 
   /** @internal */
-  constructor(scope: ScopeImpl<C>, opts: RunOptions & { kind?: string }, name: string) {
+  constructor(scope: ScopeImpl<C>, opts: OpenOptions, name: string | (() => string)) {
     this.#scope = scope
-    this.name = name
+    this.#name = name
     this.kind = opts.kind ?? 'scope'
     this.requestId = opts.requestId
     this.#mode = opts.transaction ?? scope.options.transaction
@@ -201,6 +214,12 @@ export class OpenScope<C> {
         signal.addEventListener('abort', this.#onExternal, { once: true })
       }
     }
+  }
+
+  /** The name its session takes when it is made (`open({ name })` may give it lazily). */
+  get name(): string {
+    const name = this.#name
+    return typeof name === 'string' ? name : name()
   }
 
   /** True once `end()` finished: `getSession()` from work left behind now throws. */
@@ -519,7 +538,7 @@ export class ScopeImpl<C> implements Scope<C> {
     return open !== undefined && !open.ended
   }
 
-  open(opts: RunOptions & { kind?: string } = {}): OpenScope<C> {
+  open(opts: OpenOptions = {}): OpenScope<C> {
     validateRunOptions(opts, 'open', this.options.transaction)
     if (this.core.closed) throw new ScopeClosedError(this.name, 'open()')
     const open = new OpenScope(this, opts, opts.name ?? 'run')
@@ -750,13 +769,18 @@ function pause(ms: number, signal: AbortSignal): Promise<void> {
   })
 }
 
-function validateRunOptions(opts: RunOptions, call: string, scopeMode: TransactionMode): void {
+function validateRunOptions(
+  opts: RunOptions | OpenOptions,
+  call: string,
+  scopeMode: TransactionMode,
+): void {
   if (typeof opts !== 'object' || opts === null) {
     throw new TypeError(
       `${call}(fn, opts): opts must be an object, got ${opts === null ? 'null' : typeof opts}`,
     )
   }
-  if (opts.name !== undefined && (typeof opts.name !== 'string' || opts.name === '')) {
+  const lazyName = call === 'open' && typeof opts.name === 'function'
+  if (opts.name !== undefined && !lazyName && (typeof opts.name !== 'string' || opts.name === '')) {
     throw new TypeError(
       `${call}(fn, { name }): expected a non-empty string, got ${typeof opts.name}`,
     )

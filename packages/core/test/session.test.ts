@@ -486,6 +486,35 @@ describe('pool limits', () => {
   })
 })
 
+describe('open({ name }) given a function', () => {
+  it('is asked when the name is read: the session takes the name of the moment it is made', async () => {
+    const { driver, scope } = make()
+    let route = 'GET /*'
+    let asked = 0
+    const open = scope.open({
+      name: () => {
+        asked++
+        return route
+      },
+      kind: 'request',
+    })
+    expect(asked).toBe(0)
+    expect(open.name).toBe('GET /*')
+    route = 'GET /orders/:id'
+    await open.enter(async () => {
+      expect(scope.getSession().name).toBe('GET /orders/:id')
+      await q(scope, driver, 'A')
+    })
+    route = 'changed later'
+    expect(open.existingSession!.name).toBe('GET /orders/:id')
+    open.abort('client-abort')
+    await expect(open.end({ commit: true })).rejects.toThrow(/'changed later'/)
+    await expect(scope.run(async () => {}, { name: (() => 'x') as never })).rejects.toThrow(
+      /run\(fn, \{ name \}\): expected a non-empty string, got function/,
+    )
+  })
+})
+
 describe('abort', () => {
   it('abort marks the unit rollback-only, aborts session.signal, keeps the connection until the end', async () => {
     const { driver, scope } = make()

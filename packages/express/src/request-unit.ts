@@ -5,32 +5,40 @@
  *
  *   running ──res.end()──▶ commit? ──yes──▶ end held ──COMMIT ok──▶ end sent
  *      │                     │                  └──COMMIT failed──▶ 500, or the socket cut
- *      │                     └──no (thrown error, 5xx, aborted)──▶ end sent, ROLLBACK
+ *      │                     └──no (thrown error, 5xx, aborted), or no session──▶ end sent,
+ *      │                                                               ROLLBACK (or nothing)
  *      └──'close' before res.end() (client gone, timeout): abort ──▶ ROLLBACK once the
  *                                                        handler settled
  *
- * Exactly one `open.end()` on every path: `#end()` makes it once.
+ * Exactly one `open.end()` (or `open.endNow()`) on every path: `#end()` makes it once.
+ *
+ * Cheap when the request never touches the database: no session means nothing
+ * to commit, so its end goes straight through and the scope ends at once
+ * (`endNow`, no promise). Nothing is made per request but the unit and its
+ * scope: the hooks on `req`/`res` are shared functions that find the unit
+ * under a symbol, the name is worked out only when read, a response gate
+ * only when a write or a COMMIT needs one.
  *
  * `AsyncLocalStorage` is lost in `req`/`res` event listeners, so nothing here
- * reaches the scope through `getSession()`: every callback holds the unit in
- * its closure. For the application's own listeners (a body reader's `'end'`,
- * a `'finish'` logger), `req.emit` and `res.emit` run inside the scope.
+ * reaches the scope through `getSession()`: the hooks find the unit on `req`
+ * and `res`. For the application's own listeners (a body reader's `'end'`,
+ * a `'finish'` logger), `req.emit` and `res.emit` run them inside the scope;
+ * the same hooks see `'close'` (the response is over, or will never be sent)
+ * and `'timeout'` (a socket timeout, before any listener answers it).
  */
 import type { EventEmitter } from 'node:events'
-import type { Socket } from 'node:net'
-import { channels, type OpenScope, type Scope } from '@scoped/core'
-import type { NextFunction, Request, Response } from 'express'
+import http, { type ServerResponse } from 'node:http'
+import { channels, type OpenOptions, type OpenScope, type Scope } from '@scoped/core'
+import express, { type NextFunction, type Request, type Response } from 'express'
 import type { ResolvedSessionOptions } from './options.js'
-import { ResponseGate } from './response-gate.js'
+import { type Args, type End, ResponseGate, type Write } from './response-gate.js'
 import { RequestName } from './route-name.js'
-import { attach, detach, type TracedUnit } from './router-tracing.js'
+import { kUnit, type TracedUnit } from './router-tracing.js'
 
-/** Run every listener of `emitter` inside the request's scope. */
-function bindEmitter(emitter: EventEmitter, open: OpenScope<unknown>): void {
-  const emit = emitter.emit
-  emitter.emit = function emitInScope(this: EventEmitter, ...args: Parameters<typeof emit>) {
-    return open.enter(() => emit.apply(this, args))
-  } as typeof emit
+type Emit = EventEmitter['emit']
+
+interface Hooked {
+  [kUnit]?: RequestUnit
 }
 
 function requestIdOf(req: Request): string | undefined {
@@ -39,134 +47,295 @@ function requestIdOf(req: Request): string | undefined {
   return typeof id === 'string' || typeof id === 'number' ? String(id) : undefined
 }
 
+// Node's methods, under Express's request and response prototypes.
+const nodeRes = http.ServerResponse.prototype
+const nodeReq = http.IncomingMessage.prototype
+
+/**
+ * The hooks of a request's first unit, once per process on the prototypes
+ * every Express app's requests and responses inherit from (`express.request`,
+ * `express.response`, Express's place for extensions): a request then costs
+ * one property (its unit, on `res`) instead of four methods of its own (and
+ * objects whose methods are their own are slower everywhere Node calls them).
+ * A response with no unit goes straight to Node's method.
+ */
+let hooked = false
+/** Once per process, when the first middleware is made: before any request reaches one. */
+export function installHooks(): void {
+  if (hooked) return
+  hooked = true
+  const request = express.request as object as Record<string, unknown>
+  const response = express.response as object as Record<string, unknown>
+  response.end = function end(this: ServerResponse, ...args: Args): ServerResponse {
+    const unit = (this as Hooked)[kUnit]
+    return unit === undefined ? nodeRes.end.apply(this, args as never) : unit.resEnd(this, args)
+  }
+  response.write = function write(this: ServerResponse, ...args: Args): boolean {
+    const unit = (this as Hooked)[kUnit]
+    return unit === undefined ? nodeRes.write.apply(this, args as never) : unit.resWrite(this, args)
+  }
+  // `arguments`, not a rest parameter: Node emits many events per request, and V8 passes
+  // `arguments` on to apply() without making an array.
+  response.emit = function emit(this: EventEmitter, type: string | symbol): boolean {
+    const unit = (this as Hooked)[kUnit]
+    // biome-ignore lint/complexity/noArguments: see above
+    if (unit === undefined) return nodeRes.emit.apply(this, arguments as never)
+    // biome-ignore lint/complexity/noArguments: see above
+    return unit.resEmit(this, type, arguments)
+  }
+  request.emit = function emit(this: EventEmitter, type: string | symbol): boolean {
+    const unit = (this as { res?: Hooked }).res?.[kUnit]
+    // biome-ignore lint/complexity/noArguments: see above
+    if (unit === undefined) return nodeReq.emit.apply(this, arguments as never)
+    // biome-ignore lint/complexity/noArguments: see above
+    return unit.reqEmit(this, type, arguments)
+  }
+}
+
 export class RequestUnit implements TracedUnit {
   readonly scope: Scope<unknown>
   readonly open: OpenScope<unknown>
+  /** Another scope's unit on the same request, mounted after this one. */
+  inner: RequestUnit | undefined
   #req: Request
   #res: Response
   #options: ResolvedSessionOptions
+  /** The mount path when the middleware ran (the provisional name's), and the name once asked. */
+  #base: string
+  #name: RequestName | undefined
+  // What req/res had before our hooks (Node's, or an earlier middleware's).
+  #end0: End
+  #write0: Write
+  #resEmit0: Emit
+  #reqEmit0: Emit
   #gate: ResponseGate | undefined
-  #socket: Socket | undefined
+  /** Hooked through Express's prototypes (see installHooks), not by methods of its own. */
+  #viaPrototype: boolean
+  /** res.end() was called (held, or let through). */
+  #endCalled = false
   /** Router invocations (middleware, handlers) after ours that have not settled yet. */
-  #inflight = new Set<object>()
+  #inflight: Set<object> | undefined
   /** The first error thrown or passed to next(err) after the middleware. */
   #error: { value: unknown } | undefined
   #aborted = false
   #timedOut = false
   /** The response will not be ended by a handler any more (or was let through): end when settled. */
   #endWhenSettled = false
-  #ending: Promise<unknown> | undefined
+  /** `open.endNow()` / `open.end()` was called: the outcome is decided. */
+  #ended = false
 
   constructor(scope: Scope<unknown>, req: Request, res: Response, options: ResolvedSessionOptions) {
     this.scope = scope
     this.#req = req
     this.#res = res
     this.#options = options
-    const name = new RequestName(req, options.name, (e) =>
-      this.#report(e, 'scopedSession({ name })'),
-    )
+    this.#base = req.baseUrl ?? ''
+    // The first unit of an Express request: the hooks on the prototypes find it on `res`, and
+    // what it ends, writes and emits with is Node's (an earlier middleware's own res.end,
+    // compression's say, calls through the prototype's, so it stays outside this one).
+    // Otherwise (another scope's unit came first, or an app of another copy of Express)
+    // it wraps whatever the request and response have now.
+    this.#viaPrototype =
+      (req as Hooked)[kUnit] === undefined &&
+      (res as Hooked)[kUnit] === undefined &&
+      Object.prototype.isPrototypeOf.call(express.response, res) &&
+      Object.prototype.isPrototypeOf.call(express.request, req)
+    if (this.#viaPrototype) {
+      this.#end0 = nodeRes.end as End
+      this.#write0 = nodeRes.write as Write
+      this.#resEmit0 = nodeRes.emit
+      this.#reqEmit0 = nodeReq.emit
+    } else {
+      this.#end0 = res.end as End
+      this.#write0 = res.write as Write
+      this.#resEmit0 = res.emit
+      this.#reqEmit0 = req.emit
+    }
+    // The route is known only after routing, and the session takes its name when it is
+    // made (the first getSession(), usually in the handler): the name is read lazily.
+    const opts: OpenOptions = { name: () => this.#currentName(), kind: 'request' }
     const requestId = requestIdOf(req)
-    this.open = scope.open({
-      name: name.provisional,
-      kind: 'request',
-      ...(requestId !== undefined && { requestId }),
-    })
-    // The route is known only after routing, and the session takes its name when it
-    // is made (the first getSession(), usually in the handler): read the name lazily.
-    Object.defineProperty(this.open, 'name', {
-      get: () => name.current,
-      configurable: true,
-      enumerable: true,
-    })
+    if (requestId !== undefined) opts.requestId = requestId
+    this.open = scope.open(opts)
   }
 
-  /** Hook the response and the socket, then run the rest of the chain inside the scope. */
+  /** Hook the request and the response, then run the rest of the chain inside the scope. */
   run(next: NextFunction): void {
-    const req = this.#req
-    const res = this.#res
-    attach(req, this)
-    bindEmitter(req, this.open)
-    bindEmitter(res, this.open)
-    this.#gate = new ResponseGate(res, () => this.#endRequested())
-    // 'close' fires on every path: after a clean finish, on client aborts, on socket
-    // timeouts, when an error handler destroys the socket. Before the end it means
-    // nobody will receive a response.
-    res.once('close', this.#onClose)
-    const socket = req.socket as Socket | undefined
-    if (socket) {
-      this.#socket = socket
-      // First in line: the unit of work is aborted before a res.setTimeout() callback
-      // answers (say, 503), so that answer goes out at once and, with cancelOnAbort,
-      // the slow statement is cancelled instead of holding the ROLLBACK back.
-      socket.prependListener('timeout', this.#onSocketTimeout)
-      socket.on('error', this.#onSocketError)
+    const req = this.#req as Request & Hooked
+    const res = this.#res as Response & Hooked
+    if (this.#viaPrototype) {
+      res[kUnit] = this
+    } else {
+      const first = res[kUnit]
+      if (first === undefined) {
+        // Not an Express request of ours: the unit is found on req and res all the same.
+        res[kUnit] = this
+        req[kUnit] = this
+      } else {
+        // Another scope's unit is there: this one wraps whatever its hooks are now.
+        let last = first
+        while (last.inner !== undefined) last = last.inner
+        last.inner = this
+      }
+      const unit = this
+      res.end = function end(this: ServerResponse, ...args: Args) {
+        return unit.resEnd(this, args)
+      } as Response['end']
+      res.write = function write(this: ServerResponse, ...args: Args) {
+        return unit.resWrite(this, args)
+      } as Response['write']
+      res.emit = function emit(this: EventEmitter, ...args: [string | symbol, ...unknown[]]) {
+        return unit.resEmit(this, args[0], args)
+      } as Emit
+      req.emit = function emit(this: EventEmitter, ...args: [string | symbol, ...unknown[]]) {
+        return unit.reqEmit(this, args[0], args)
+      } as Emit
     }
     const closedAlready = res.closed
-    this.open.enter(() => next())
+    this.open.enter(next)
     if (closedAlready) this.#onClose()
   }
 
   // ── router events (see router-tracing.ts) ──────────────────────────────
 
   started(ctx: object): void {
-    if (this.#ending === undefined) this.#inflight.add(ctx)
+    if (this.#ended) return
+    this.#inflight ??= new Set()
+    this.#inflight.add(ctx)
   }
 
   settled(ctx: object): void {
-    if (this.#inflight.delete(ctx) && this.#endWhenSettled) this.#settle()
+    if (this.#inflight?.delete(ctx) && this.#endWhenSettled) this.#settle()
   }
 
   failed(error: unknown): void {
     this.#error ??= { value: error }
   }
 
-  // ── response and socket events ─────────────────────────────────────────
+  // ── the hooks on req and res ───────────────────────────────────────────
 
-  /** The first `res.end()`, held by the gate. */
-  #endRequested(): void {
-    const gate = this.#gate!
-    if (this.#ending !== undefined || this.#aborted) {
+  /** `res.end()`: the first one decides; a held one waits for the COMMIT. */
+  resEnd(res: ServerResponse, args: Args): ServerResponse {
+    if (this.#endCalled) {
+      return this.#gate ? this.#gate.endAgain(res, args) : this.#end0.apply(res, args)
+    }
+    this.#endCalled = true
+    if (this.#ended || this.#aborted) {
       // Aborted (client gone, timed out): nobody waits for a COMMIT. The handler may
       // still be running; the unit ends when it settled.
-      gate.send()
+      this.#letThrough(res, args)
       this.#endWhenSettled = true
       this.#settle()
-      return
+      return res
     }
     let commit: boolean
     try {
       commit =
-        this.#options.commitOn({ status: this.#res.statusCode, error: this.#error?.value }) === true
+        this.#options.commitOn({ status: res.statusCode, error: this.#error?.value }) === true
     } catch (e) {
       // The response claims an outcome nobody could decide: do not send it as if committed.
       this.#report(e, 'scopedSession({ commitOn })')
-      gate.fail()
+      const gate = this.#gateOf()
+      gate.hold(args)
+      gate.fail(res)
       this.#end(false)
-      return
+      return res
     }
     if (!commit || this.open.existingSession === undefined) {
       // A rollback (or nothing to commit) is not waited for: what it undoes was never visible.
-      gate.send()
+      this.#letThrough(res, args)
       this.#end(commit)
-      return
+      return res
     }
-    this.#end(true).then(
-      () => gate.send(),
-      (error) => {
-        this.#report(
-          error,
-          this.#res.headersSent
-            ? `COMMIT of '${this.#name()}' after its response began (the response was cut off)`
-            : `COMMIT of '${this.#name()}' before its response (answered 500 instead)`,
-        )
-        gate.fail()
-      },
+    this.#ended = true
+    this.#inflight = undefined
+    let now: boolean
+    try {
+      // Nothing to COMMIT after all (no statement ran, or autocommit ones only): sent now.
+      now = this.open.endNow(true)
+    } catch (e) {
+      this.#commitFailed(res, args, e)
+      return res
+    }
+    if (now) {
+      this.#letThrough(res, args)
+      return res
+    }
+    const gate = this.#gateOf()
+    gate.hold(args)
+    this.open.end({ commit: true }).then(
+      () => gate.send(res),
+      (error) => this.#commitFailed(res, args, error),
     )
+    return res
   }
 
-  #onClose = (): void => {
-    this.#unhookSocket()
-    if (this.#gate?.endCalled) return // the end path owns the unit from here
+  #commitFailed(res: ServerResponse, args: Args, error: unknown): void {
+    this.#report(
+      error,
+      res.headersSent
+        ? `COMMIT of '${this.#sessionName()}' after its response began (the response was cut off)`
+        : `COMMIT of '${this.#sessionName()}' before its response (answered 500 instead)`,
+    )
+    const gate = this.#gateOf()
+    gate.hold(args) // no-op when it holds the end already
+    gate.fail(res)
+  }
+
+  /** `res.write()`: through at once, but for the write that completes a Content-Length. */
+  resWrite(res: ServerResponse, args: Args): boolean {
+    if (this.#endCalled && this.#gate === undefined) return this.#write0.apply(res, args)
+    return this.#gateOf().write(res, args)
+  }
+
+  /** `res.emit()`: `args` are all its arguments, the event's name first. */
+  resEmit(res: EventEmitter, type: string | symbol, args: ArrayLike<unknown>): boolean {
+    if (type === 'close') this.#onClose()
+    else if (type === 'timeout') this.#onTimeout()
+    return this.#emitInScope(res, this.#resEmit0, type, args)
+  }
+
+  reqEmit(req: EventEmitter, type: string | symbol, args: ArrayLike<unknown>): boolean {
+    if (type === 'timeout') this.#onTimeout()
+    return this.#emitInScope(req, this.#reqEmit0, type, args)
+  }
+
+  #emitInScope(
+    target: EventEmitter,
+    emit: Emit,
+    type: string | symbol,
+    args: ArrayLike<unknown>,
+  ): boolean {
+    // No listener, nothing to run in the scope ('error' without one throws as it would).
+    if (target.listenerCount(type) === 0) return emit.apply(target, args as never)
+    return this.open.enter(() => emit.apply(target, args as never))
+  }
+
+  #gateOf(): ResponseGate {
+    this.#gate ??= new ResponseGate(this.#end0, this.#write0)
+    return this.#gate
+  }
+
+  /** The end goes out now (with any write the gate holds). */
+  #letThrough(res: ServerResponse, args: Args): void {
+    const gate = this.#gate
+    if (gate === undefined) {
+      this.#end0.apply(res, args)
+      return
+    }
+    gate.hold(args)
+    gate.send(res)
+  }
+
+  // ── response and socket events ─────────────────────────────────────────
+
+  #onClose(): void {
+    if (this.#endCalled) return // the end path owns the unit from here
+    if (this.#ended) return
+    // server.requestTimeout (the request did not arrive in time) destroys the socket with this.
+    const socketError = (this.#req.socket as { errored?: { code?: unknown } | null } | undefined)
+      ?.errored
+    if (socketError?.code === 'ERR_HTTP_REQUEST_TIMEOUT') this.#timedOut = true
     // No response will be sent: the client went away, a timeout destroyed the socket,
     // or Express's final handler cut a response that failed after it began. Roll back
     // once the handler has settled. The abort tells work still running to stop (and
@@ -178,17 +347,14 @@ export class RequestUnit implements TracedUnit {
     this.#settle()
   }
 
-  #onSocketTimeout = (): void => {
+  #onTimeout(): void {
     // server.timeout, res.setTimeout(), req.setTimeout(): the request ran out of time.
-    // Node destroys the socket next unless someone listens on req/res/server.
+    // Seen before any 'timeout' listener runs: the unit of work is aborted before a
+    // res.setTimeout() callback answers (say, 503), so that answer goes out at once and,
+    // with cancelOnAbort, the slow statement is cancelled instead of holding the
+    // ROLLBACK back. Node destroys the socket next unless someone listens.
     this.#timedOut = true
     this.#abort('timeout')
-  }
-
-  #onSocketError = (error: unknown): void => {
-    // server.requestTimeout (the request did not arrive in time) destroys the socket with this.
-    if ((error as { code?: unknown } | null)?.code === 'ERR_HTTP_REQUEST_TIMEOUT')
-      this.#timedOut = true
   }
 
   // ── ending ─────────────────────────────────────────────────────────────
@@ -196,7 +362,7 @@ export class RequestUnit implements TracedUnit {
   #abort(kind: 'client-abort' | 'timeout'): void {
     // Once end() began, its outcome stands (the core ignores a later abort too): an
     // abort during COMMIT would only report a commit that did happen as failed.
-    if (this.#ending !== undefined) return
+    if (this.#ended) return
     this.#aborted = true
     this.open.abort(kind, {
       cancel: this.#options.cancelOnAbort,
@@ -205,31 +371,36 @@ export class RequestUnit implements TracedUnit {
   }
 
   #settle(): void {
-    if (this.#inflight.size === 0) this.#end(false)
+    if (this.#inflight === undefined || this.#inflight.size === 0) this.#end(false)
   }
 
   /** End the unit of work, once. The first call decides COMMIT or ROLLBACK. */
-  #end(commit: boolean): Promise<unknown> {
-    if (this.#ending === undefined) {
-      this.#inflight.clear()
-      detach(this.#req, this)
-      const ending = this.open.end({ commit })
-      // A rollback has no one to report to but the scope's onError; a commit's caller reports.
-      if (!commit) ending.catch((e) => this.#report(e, `ROLLBACK of '${this.#name()}'`))
-      this.#ending = ending
+  #end(commit: boolean): void {
+    if (this.#ended) return
+    this.#ended = true
+    this.#inflight = undefined
+    const during = () => `${commit ? 'COMMIT' : 'ROLLBACK'} of '${this.#sessionName()}'`
+    try {
+      // Nothing to wait for (no session, or nothing to end but a connection): ended now.
+      if (this.open.endNow(commit)) return
+    } catch (e) {
+      this.#report(e, during())
+      return
     }
-    return this.#ending
+    // No one to report to but the scope's onError: the response went out already.
+    this.open.end({ commit }).catch((e) => this.#report(e, during()))
   }
 
-  #unhookSocket(): void {
-    const socket = this.#socket
-    if (!socket) return
-    this.#socket = undefined
-    socket.removeListener('timeout', this.#onSocketTimeout)
-    socket.removeListener('error', this.#onSocketError)
+  // ── names and reports ──────────────────────────────────────────────────
+
+  #currentName(): string {
+    this.#name ??= new RequestName(this.#req, this.#options.name, this.#base, (e) =>
+      this.#report(e, 'scopedSession({ name })'),
+    )
+    return this.#name.current
   }
 
-  #name(): string {
+  #sessionName(): string {
     return this.open.existingSession?.name ?? this.open.name
   }
 
@@ -239,7 +410,7 @@ export class RequestUnit implements TracedUnit {
       channels.error.publish({ scope: this.scope.name, session, error, during })
     }
     const { onError, logger } = this.scope.options
-    if (onError) onError(error, { during, session: this.#name() })
+    if (onError) onError(error, { during, session: this.#sessionName() })
     else logger.error(`[scoped/express] ${during} failed (scope '${this.scope.name}'):`, error)
   }
 }

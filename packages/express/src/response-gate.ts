@@ -3,10 +3,13 @@
  *
  * Express gives a middleware no way to await the handler, but every response
  * ends in `res.end()` (`res.json`, `res.send`, `res.redirect`, a piped stream,
- * Express's final handler). The gate replaces `res.end` on the response, so
- * the first call is held: nothing of it reaches the socket until the unit of
- * work says `send()` (it committed), `fail()` (the COMMIT failed) or until it
- * lets the end through right away (it rolls back).
+ * Express's final handler). The request's unit replaces `res.end` and
+ * `res.write` on the response (request-unit.ts) and hands the calls to its
+ * gate: the first end is held, nothing of it reaching the socket until the
+ * unit of work says `send()` (it committed) or `fail()` (the COMMIT failed).
+ * A gate is made only when it has something to do: at the first `res.write()`,
+ * or at an end that waits for a COMMIT. An end with nothing to commit goes
+ * straight through.
  *
  * Bytes written with `res.write()` before the end go out as they come (a
  * streamed body must not wait for the database), except the one write that
@@ -21,7 +24,9 @@
 import { type ServerResponse, STATUS_CODES } from 'node:http'
 
 type Callback = (error?: Error | null) => void
-type Args = unknown[]
+export type Args = unknown[]
+export type End = (this: ServerResponse, ...args: Args) => ServerResponse
+export type Write = (this: ServerResponse, ...args: Args) => boolean
 
 /** Headers that describe the body or the state the failed response claimed; a 500 must not keep them. */
 const claimHeaders = [
@@ -52,7 +57,7 @@ function byteLength(chunk: unknown, encoding: unknown): number {
   return 0
 }
 
-function callbackIn(args: Args): Callback | undefined {
+export function callbackIn(args: Args): Callback | undefined {
   for (let i = args.length - 1; i >= 0; i--) {
     if (typeof args[i] === 'function') return args[i] as Callback
   }
@@ -60,10 +65,8 @@ function callbackIn(args: Args): Callback | undefined {
 }
 
 export class ResponseGate {
-  #res: ServerResponse
-  #end: (...args: Args) => ServerResponse
-  #write: (...args: Args) => boolean
-  #onEnd: () => void
+  #end: End
+  #write: Write
   /** open: passing writes; holding: end() called, waiting for the verdict; released: pass-through. */
   #state: 'open' | 'holding' | 'released' = 'open'
   #endArgs: Args = []
@@ -71,32 +74,22 @@ export class ResponseGate {
   #held: Args[] = []
   #written = 0
 
-  /** `onEnd` runs (once) when the response's end is first asked for, with the end held. */
-  constructor(res: ServerResponse, onEnd: () => void) {
-    this.#res = res
-    // Whatever is there now (Node's, or an earlier middleware's, e.g. compression).
-    this.#end = res.end as never
-    this.#write = res.write as never
-    this.#onEnd = onEnd
-    const gate = this
-    res.end = function end(this: ServerResponse, ...args: Args) {
-      return gate.#endCalled(this, args)
-    } as ServerResponse['end']
-    res.write = function write(this: ServerResponse, ...args: Args) {
-      return gate.#writeCalled(this, args)
-    } as ServerResponse['write']
+  /** `end` and `write`: what the response had before (Node's, or an earlier middleware's). */
+  constructor(end: End, write: Write) {
+    this.#end = end
+    this.#write = write
   }
 
-  /** True once `res.end()` was called (held or let through). */
-  get endCalled(): boolean {
-    return this.#state !== 'open'
+  /** Hold this first end until `send()` or `fail()`. */
+  hold(args: Args): void {
+    this.#state = 'holding'
+    this.#endArgs = args
   }
 
   /** Let everything held through: the response ends as the handler wrote it. */
-  send(): void {
+  send(res: ServerResponse): void {
     if (this.#state === 'released') return
     this.#state = 'released'
-    const res = this.#res
     for (const args of this.#held) this.#write.apply(res, args)
     this.#held = []
     this.#end.apply(res, this.#endArgs)
@@ -107,10 +100,9 @@ export class ResponseGate {
    * yet: answer 500 instead. Headers or body already on the wire: destroy the
    * socket, so the client sees the response break off, never a clean end.
    */
-  fail(): void {
+  fail(res: ServerResponse): void {
     if (this.#state === 'released') return
     this.#state = 'released'
-    const res = this.#res
     const callback = callbackIn(this.#endArgs)
     const dropped = new Error('the response was abandoned: its unit of work failed to commit')
     for (const args of this.#held) {
@@ -132,22 +124,17 @@ export class ResponseGate {
     this.#end.call(res, failedBody, 'utf8', callback)
   }
 
-  #endCalled(res: ServerResponse, args: Args): ServerResponse {
-    if (this.#state === 'released') return this.#end.apply(res, args)
-    if (this.#state === 'holding') {
-      // A second end() while the first waits for the COMMIT: Node ignores an end
-      // after end; its callback runs when the response finishes.
-      const cb = callbackIn(args)
-      if (cb) res.once('finish', () => cb())
-      return res
-    }
-    this.#state = 'holding'
-    this.#endArgs = args
-    this.#onEnd()
+  /** A later `res.end()`: held behind the first one, or through once released. */
+  endAgain(res: ServerResponse, args: Args): ServerResponse {
+    if (this.#state !== 'holding') return this.#end.apply(res, args)
+    // A second end() while the first waits for the COMMIT: Node ignores an end
+    // after end; its callback runs when the response finishes.
+    const cb = callbackIn(args)
+    if (cb) res.once('finish', () => cb())
     return res
   }
 
-  #writeCalled(res: ServerResponse, args: Args): boolean {
+  write(res: ServerResponse, args: Args): boolean {
     if (this.#state === 'released') return this.#write.apply(res, args)
     if (this.#state === 'holding') {
       // Write after end: refuse it as Node does, without reordering the held end.

@@ -27,7 +27,8 @@ export function routeName(req: Request): string | undefined {
 }
 
 /**
- * The name of one request's scope, resolved lazily (see above). `custom` is
+ * The name of one request's scope, resolved lazily (see above), made when
+ * it is first read (`scope.open({ name })` is given a function). `custom` is
  * the user's `name(req)`. Core code reads the name too (an abort's error
  * message is built from it, inside a socket listener), so reading it never
  * throws: a `name(req)` that throws or returns no usable string is reported
@@ -42,20 +43,17 @@ export class RequestName {
   #resolved: string | undefined
   #failed = false
 
+  /** `base`: the mount path of the middleware (`req.baseUrl` when it ran). */
   constructor(
     req: Request,
     custom: ((req: Request) => string) | undefined,
+    base: string,
     onError: (error: unknown) => void,
   ) {
     this.#req = req
     this.#custom = custom
     this.#onError = onError
-    this.#fallback = `${req.method} ${req.baseUrl ?? ''}/*`
-  }
-
-  /** The provisional name, for `scope.open()` (which wants one before routing). */
-  get provisional(): string {
-    return this.#fallback
+    this.#fallback = `${req.method} ${base}/*`
   }
 
   get current(): string {

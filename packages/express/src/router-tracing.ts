@@ -22,6 +22,8 @@ import express from 'express'
 
 /** The part of a request's unit of work that hears the router's events. */
 export interface TracedUnit {
+  /** The next unit on the same request (another scope's), if any. */
+  readonly inner: TracedUnit | undefined
   /** An invocation (middleware, handler, error handler) after the unit's middleware began. */
   started(ctx: object): void
   /** That invocation returned, or its promise settled. */
@@ -31,55 +33,32 @@ export interface TracedUnit {
 }
 
 interface TraceContext {
-  req?: Record<symbol, TracedUnit[] | undefined>
+  res?: Record<symbol, TracedUnit | undefined>
   error?: unknown
   incomingError?: unknown
   errorHandler?: boolean
   result?: unknown
 }
 
-const kUnits = Symbol('@scoped/express units')
-
-/** Route the request's router events to `unit` (one per scope: two scopes may share a request). */
-export function attach(req: object, unit: TracedUnit): void {
-  const r = req as Record<symbol, TracedUnit[] | undefined>
-  const units = r[kUnits]
-  if (units) units.push(unit)
-  else r[kUnits] = [unit]
-}
-
-/** Stop routing events to `unit` (its unit of work ended). */
-export function detach(req: object, unit: TracedUnit): void {
-  const units = (req as Record<symbol, TracedUnit[] | undefined>)[kUnits]
-  if (!units) return
-  const i = units.indexOf(unit)
-  if (i >= 0) units.splice(i, 1)
-}
-
-/** The units attached to `req`, for the middleware's "already mounted for this scope?" check. */
-export function unitsOf(req: object): readonly TracedUnit[] {
-  return (req as Record<symbol, TracedUnit[] | undefined>)[kUnits] ?? []
-}
-
-function unitsIn(ctx: TraceContext): TracedUnit[] | undefined {
-  const units = ctx.req?.[kUnits]
-  return units && units.length > 0 ? units : undefined
-}
+/** The first unit of work of a request, on `res` (the others hang off its `inner`). */
+export const kUnit = Symbol('@scoped/express unit')
 
 function settled(ctx: TraceContext): void {
-  const units = unitsIn(ctx)
-  if (units) for (const u of [...units]) u.settled(ctx)
+  for (let u = ctx.res?.[kUnit]; u !== undefined; u = u.inner) u.settled(ctx)
 }
 
 const subscribers = {
   start(message: unknown) {
     const ctx = message as TraceContext
-    const units = unitsIn(ctx)
-    if (!units) return
+    const first = ctx.res?.[kUnit]
+    if (first === undefined) return
     // Errors raised before any traced invocation (route matching, URI decoding) are
     // never published on `error`, but every error handler sees them as incomingError.
-    if (ctx.errorHandler && ctx.incomingError) for (const u of units) u.failed(ctx.incomingError)
-    for (const u of units) u.started(ctx)
+    const incoming = ctx.errorHandler ? ctx.incomingError : undefined
+    for (let u: TracedUnit | undefined = first; u !== undefined; u = u.inner) {
+      if (incoming) u.failed(incoming)
+      u.started(ctx)
+    }
   },
   end(message: unknown) {
     const ctx = message as TraceContext
@@ -92,8 +71,7 @@ const subscribers = {
   },
   error(message: unknown) {
     const ctx = message as TraceContext
-    const units = unitsIn(ctx)
-    if (units) for (const u of [...units]) u.failed(ctx.error)
+    for (let u = ctx.res?.[kUnit]; u !== undefined; u = u.inner) u.failed(ctx.error)
   },
 }
 
@@ -117,6 +95,7 @@ export function ensureRouterTracing(): void {
   // A dry run through a router of the Express we were built against.
   let seen = false
   const probe: TracedUnit = {
+    inner: undefined,
     started: () => {
       seen = true
     },
@@ -124,13 +103,12 @@ export function ensureRouterTracing(): void {
     failed: () => {},
   }
   const req = { url: '/', method: 'GET' }
-  attach(req, probe)
   const router = express.Router()
   router.use((_req, _res, next) => next())
   // handle() is the router's entry point (what app.handle() calls); @types/express hides it.
   ;(router as unknown as { handle(req: object, res: object, done: () => void): void }).handle(
     req,
-    {},
+    { [kUnit]: probe },
     () => {},
   )
   if (!seen) {

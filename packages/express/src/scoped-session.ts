@@ -5,8 +5,8 @@
 import { getDefaultScope, type Scope } from '@scoped/core'
 import type { RequestHandler } from 'express'
 import { describe, resolveSessionOptions, type ScopedSessionOptions } from './options.js'
-import { RequestUnit } from './request-unit.js'
-import { ensureRouterTracing, unitsOf } from './router-tracing.js'
+import { installHooks, RequestUnit } from './request-unit.js'
+import { ensureRouterTracing, kUnit } from './router-tracing.js'
 
 function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
   if (scope === undefined) {
@@ -77,11 +77,12 @@ export function scopedSession<C = unknown>(
   const target = resolveScope(scope) as Scope<unknown>
   const opts = resolveSessionOptions(options)
   ensureRouterTracing()
+  installHooks()
 
   return function scopedSessionMiddleware(req, res, next) {
     // Mounted twice for one scope (app and router): the outer scope already covers the chain.
-    for (const unit of unitsOf(req)) {
-      if (unit instanceof RequestUnit && unit.scope === target) {
+    for (let u = (res as { [kUnit]?: RequestUnit })[kUnit]; u !== undefined; u = u.inner) {
+      if (u.scope === target) {
         next()
         return
       }

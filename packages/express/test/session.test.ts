@@ -8,7 +8,7 @@ import { scopedSession } from '@scoped/express'
 import { pgDriver } from '@scoped/pg'
 import express, { type NextFunction, type Request, type Response } from 'express'
 import pg from 'pg'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
 import { independentQuery, testDatabase } from '../../../test/support/db.ts'
 import { type Db, latch, listen, makeDb, openTransactions, releases, settled } from './support.ts'
 
@@ -415,6 +415,84 @@ describe('mounting', () => {
     }
     expect(pool.totalCount).toBe(0)
     expect(await openTransactions(url, d)).toEqual([])
+  })
+})
+
+describe('hooks on req and res', () => {
+  it('leave apps and routes without the middleware alone: listeners, ends and errors as usual', async () => {
+    const plain = express()
+    const heard: string[] = []
+    plain.post('/echo', (req, res) => {
+      let body = ''
+      req.setEncoding('utf8')
+      req.on('data', (c: string) => {
+        body += c
+      })
+      req.on('end', () => {
+        res.on('finish', () => heard.push('finish'))
+        res.json({ body })
+      })
+    })
+    const app = express()
+    app.get('/before', (_req, res) => {
+      res.on('close', () => heard.push('close before'))
+      res.send('before')
+    })
+    app.use(scopedSession(d.scope))
+    app.get('/after', (_req, res) => {
+      res.send(d.scope.hasSession() ? 'in scope' : 'outside')
+    })
+    const a = await listen(plain)
+    const b = await listen(app)
+    try {
+      const echo = await fetch(`${a.url}/echo`, { method: 'POST', body: 'hello' })
+      expect(await echo.json()).toEqual({ body: 'hello' })
+      expect(await (await fetch(`${b.url}/before`)).text()).toBe('before')
+      expect(await (await fetch(`${b.url}/after`)).text()).toBe('in scope')
+      await vi.waitFor(() => expect(heard.sort()).toEqual(['close before', 'finish']))
+    } finally {
+      await a.close()
+      await b.close()
+    }
+    await settled(d)
+  })
+
+  it('a middleware before it that wraps res.end and res.write (as compression does) still gets the end after the COMMIT', async () => {
+    await independentQuery(url, 'CREATE TABLE IF NOT EXISTS wrapped (id text PRIMARY KEY)')
+    const app = express()
+    const calls: string[] = []
+    app.use((_req, res, next) => {
+      const end = res.end
+      const write = res.write
+      res.write = function (this: Response, ...args: unknown[]) {
+        calls.push('write')
+        return (write as (...a: unknown[]) => boolean).apply(this, args)
+      } as Response['write']
+      res.end = function (this: Response, ...args: unknown[]) {
+        calls.push('end')
+        return (end as (...a: unknown[]) => Response).apply(this, args)
+      } as Response['end']
+      next()
+    })
+    app.use(scopedSession(d.scope))
+    app.post('/wrapped/:id', async (req, res) => {
+      await d.db.query('INSERT INTO wrapped (id) VALUES ($1)', [req.params.id])
+      res.write('a')
+      res.end('b')
+    })
+    const srv = await listen(app)
+    try {
+      const res = await fetch(`${srv.url}/wrapped/w1`, { method: 'POST' })
+      expect(await res.text()).toBe('ab')
+      // Committed by the time the client has the whole body.
+      expect(await independentQuery(url, `SELECT id FROM wrapped WHERE id = 'w1'`)).toEqual([
+        { id: 'w1' },
+      ])
+      expect(calls).toEqual(['write', 'end'])
+    } finally {
+      await srv.close()
+    }
+    await settled(d)
   })
 })
 
