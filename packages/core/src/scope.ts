@@ -179,6 +179,13 @@ export class OpenScope<C> {
   /** `request`, `job` or `scope`: how error messages speak of it. */
   readonly kind: string
   /** @internal */ aborted: ScopeAbortedError | undefined
+  /**
+   * @internal Its Scope's open scopes are a list linked through these: adding
+   * and removing one costs no hashing (a Set hashes every new scope, which a
+   * request that never queries pays for).
+   */
+  prevOpen: OpenScope<C> | undefined = undefined
+  /** @internal */ nextOpen: OpenScope<C> | undefined = undefined
 
   #name: string | (() => string)
   #scope: ScopeImpl<C>
@@ -401,7 +408,9 @@ export class ScopeImpl<C> implements Scope<C> {
   readonly options: ResolvedOptions
   readonly als = new AsyncLocalStorage<OpenScope<C>>()
   readonly core: ScopeCore<C>
-  #open = new Set<OpenScope<C>>()
+  /** The open scopes: a list linked through OpenScope.prevOpen/nextOpen (newest first), and its length. */
+  #openHead: OpenScope<C> | undefined
+  #openCount = 0
   #holding = new Set<Session<C>>()
   #totals = { acquired: 0, destroyed: 0, leaks: 0 }
   #idle: (() => void) | undefined
@@ -542,7 +551,7 @@ export class ScopeImpl<C> implements Scope<C> {
     validateRunOptions(opts, 'open', this.options.transaction)
     if (this.core.closed) throw new ScopeClosedError(this.name, 'open()')
     const open = new OpenScope(this, opts, opts.name ?? 'run')
-    this.#open.add(open)
+    this.#link(open)
     return open
   }
 
@@ -562,7 +571,7 @@ export class ScopeImpl<C> implements Scope<C> {
   }
 
   #runIn<T>(open: OpenScope<C>, fn: () => Promise<T>): Promise<T> {
-    this.#open.add(open)
+    this.#link(open)
     let running: Promise<T>
     try {
       running = Promise.resolve(open.enter(fn))
@@ -679,7 +688,7 @@ export class ScopeImpl<C> implements Scope<C> {
     return {
       name: this.name,
       driver: this.driver.name,
-      open: this.#open.size,
+      open: this.#openCount,
       holding: this.#holding.size,
       inTransaction,
       waiting: this.core.waiting,
@@ -718,7 +727,7 @@ export class ScopeImpl<C> implements Scope<C> {
   async #close(timeoutMs: number): Promise<void> {
     this.core.closed = true
     if (defaultScope === this) defaultScope = undefined
-    if (this.#open.size > 0) {
+    if (this.#openCount > 0) {
       let timer: NodeJS.Timeout | undefined
       await Promise.race([
         new Promise<void>((resolve) => {
@@ -731,7 +740,9 @@ export class ScopeImpl<C> implements Scope<C> {
       clearTimeout(timer)
     }
     this.core.ended = true
-    for (const open of this.#open) open.abort('shutdown', { cancel: true })
+    const stillOpen: OpenScope<C>[] = []
+    for (let open = this.#openHead; open; open = open.nextOpen) stillOpen.push(open)
+    for (const open of stillOpen) open.abort('shutdown', { cancel: true })
     for (const s of [...this.#holding]) {
       this.core.forced++
       s.forceRelease(
@@ -743,8 +754,22 @@ export class ScopeImpl<C> implements Scope<C> {
 
   /** @internal */
   frameEnded(open: OpenScope<C>): void {
-    this.#open.delete(open)
-    if (this.#open.size === 0 && this.#idle) this.#idle()
+    const { prevOpen, nextOpen } = open
+    if (prevOpen) prevOpen.nextOpen = nextOpen
+    else if (this.#openHead === open) this.#openHead = nextOpen
+    else return // not in the list
+    if (nextOpen) nextOpen.prevOpen = prevOpen
+    open.prevOpen = undefined
+    open.nextOpen = undefined
+    if (--this.#openCount === 0 && this.#idle) this.#idle()
+  }
+
+  #link(open: OpenScope<C>): void {
+    const head = this.#openHead
+    if (head) head.prevOpen = open
+    open.nextOpen = head
+    this.#openHead = open
+    this.#openCount++
   }
 
   #poolStats(): PoolStats | undefined {

@@ -577,6 +577,28 @@ describe('abort', () => {
 })
 
 describe('shutdown', () => {
+  it('stats().open counts the scopes open now, ended in any order; close() aborts each one still open', async () => {
+    const { scope } = make()
+    const opens = Array.from({ length: 5 }, (_, i) => scope.open({ name: `o${i}` }))
+    expect(scope.stats().open).toBe(5)
+    await opens[2]!.end({ commit: true }) // in the middle
+    await opens[4]!.end({ commit: true }) // the newest
+    await opens[0]!.end({ commit: true }) // the oldest
+    await opens[0]!.end({ commit: true }) // twice: counted once
+    expect(opens[0]!.endNow(true)).toBe(false)
+    expect(scope.stats().open).toBe(2)
+    await scope.run(async () => {
+      expect(scope.stats().open).toBe(3)
+    })
+    expect(scope.stats().open).toBe(2)
+    await scope.close({ timeoutMs: 1 })
+    expect([opens[1]!.aborted?.kind, opens[3]!.aborted?.kind]).toEqual(['shutdown', 'shutdown'])
+    expect(opens[2]!.aborted).toBeUndefined()
+    await opens[3]!.end({ commit: false })
+    await opens[1]!.end({ commit: false })
+    expect(scope.stats().open).toBe(0)
+  })
+
   it('close() waits for a running job, then ends the driver; new scopes are refused', async () => {
     const { driver, scope } = make()
     let done = false
