@@ -46,8 +46,12 @@ export interface ReleaseMessage {
   heldMs: number
   /** True when the connection is destroyed instead of going back to the pool. */
   destroyed: boolean
-  /** How the session's unit of work ended: `committed`, `rolled-back` or `destroyed`. */
-  outcome: SessionOutcome
+  /**
+   * How the session's unit of work ended: `committed`, `rolled-back` or
+   * `destroyed`. Absent when the session gave the connection back before its
+   * end (`release: 'idle'`): it goes on, and may check out again.
+   */
+  outcome?: SessionOutcome
   /** Why it was destroyed, when there is a reason (connection error, force release). */
   error?: unknown
 }

@@ -108,6 +108,8 @@ export class Session<C = unknown> {
   #heldSince = 0
   /** Captured at checkout; V8 formats `.stack` only when read, so holding the Error is cheap. */
   #acquireSite: Error | undefined
+  /** The first checkout's site (`release: 'idle'` checks out again): for SessionClosedError. */
+  #firstSite: Error | undefined
   /** A connection-level error seen on this connection: it will be destroyed. */
   #broken: unknown
   /** COMMIT/ROLLBACK failed: the transaction state is unknown, destroy on release. */
@@ -157,6 +159,30 @@ export class Session<C = unknown> {
   /** @internal True inside transaction(fn) (or a savepoint), where close() would wait for itself. */
   get inExplicitTransaction(): boolean {
     return this.#tx.some((f) => f.explicit)
+  }
+
+  /** @internal `release: 'idle'`: the connection goes back whenever nothing uses it. */
+  get releasesWhenIdle(): boolean {
+    return this.#releaseIdle
+  }
+
+  /**
+   * @internal Count the caller as work in progress until it calls the returned
+   * function: with `release: 'idle'` the connection is not given back
+   * meanwhile, and `close()` waits for it. For a driver's handle that runs
+   * several statements that must share one connection (Kysely's
+   * `db.connection()`, its transactions). Checks nothing out by itself.
+   */
+  retain(): () => void {
+    const err = this.#unusable('connection()')
+    if (err) throw err
+    this.#inFlight++
+    let done = false
+    return () => {
+      if (done) return
+      done = true
+      this.#settle()
+    }
   }
 
   /** True when the connection was taken by force (maxHoldMs, shutdown timeout). */
@@ -379,7 +405,16 @@ export class Session<C = unknown> {
   onAbort(cancel: boolean): void {
     if (cancel && this.#conn !== undefined && this.#running > 0) {
       const conn = this.#conn
-      this.#core.driver.cancel?.(conn).catch((e) => this.#core.report(e, 'cancel', this))
+      const send = () => {
+        // The statement may have ended meanwhile; then there is nothing left to cancel.
+        if (this.#conn !== conn || this.#running === 0) return
+        this.#core.driver.cancel?.(conn).catch((e) => this.#core.report(e, 'cancel', this))
+      }
+      // A pipelined BEGIN still on the wire must not be what the cancel hits: a cancelled BEGIN
+      // opens no transaction, and the statement sent behind it would then run in autocommit.
+      // Cancel once BEGIN is answered: the statement runs inside the transaction by then.
+      if (this.#began) this.#began.then(send, send)
+      else send()
     }
   }
 
@@ -392,7 +427,7 @@ export class Session<C = unknown> {
     const conn = this.#conn as C
     this.#closedHow = reason
     this.#forced = true
-    this.#noteClosedAt()
+    // No stack: it would show the timer that fired, never the user's code (the reason says why).
     this.#to('forceRelease')
     this.#outcome = 'destroyed'
     this.#rejectHooks()
@@ -483,7 +518,10 @@ export class Session<C = unknown> {
     // Asked for nothing: the driver is not called for a frame that is already over.
     if (this.#frame.aborted) return Promise.reject(this.#frame.aborted)
     // Captured synchronously, while the caller's frames are still on the stack.
-    if (core.options.captureStacks) this.#acquireSite = captureStack('acquired here')
+    if (core.options.captureStacks) {
+      this.#acquireSite = captureStack('acquired here')
+      this.#firstSite ??= this.#acquireSite
+    }
     this.#to('acquire')
     const acquiring = this.#acquire(performance.now())
     // A driver that threw at once has already put the phase back to idle: nothing to share.
@@ -1003,7 +1041,7 @@ export class Session<C = unknown> {
         stack: userFrames(this.#closedAt.stack),
       })
     }
-    const acquired = this.#acquireSite && userFrames(this.#acquireSite.stack)
+    const acquired = this.#firstSite && userFrames(this.#firstSite.stack)
     return new SessionClosedError(
       this,
       call,

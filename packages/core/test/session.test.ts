@@ -833,3 +833,94 @@ describe("release: 'idle' (autocommit, connection back between statements)", () 
     )
   })
 })
+
+describe('pipelined BEGIN and abort', () => {
+  it('a cancel asked for while a pipelined BEGIN is unanswered waits for it (a cancelled BEGIN would leave the statement behind it in autocommit)', async () => {
+    const events: string[] = []
+    const later = (ms: number, what: string) =>
+      new Promise<void>((r) =>
+        setTimeout(() => {
+          events.push(what)
+          r()
+        }, ms),
+      )
+    const driver = {
+      name: 'pipelining',
+      acquire: async () => ({}),
+      release() {},
+      begin: () => {
+        events.push('BEGIN sent')
+        return later(30, 'BEGIN answered')
+      },
+      commit: async () => {},
+      rollback: async () => {
+        events.push('ROLLBACK')
+      },
+      pipelined: () => true,
+      cancel: async () => {
+        events.push('cancel')
+      },
+    }
+    const scope = createScope({ driver, default: false, leakDetectionMs: 0 })
+    scopes.push(scope as never)
+    const open = scope.open({ name: 'aborted' })
+    await open
+      .enter(async () => {
+        const statement = scope.getSession().use(async () => {
+          events.push('statement sent')
+          await later(60, 'statement answered')
+        })
+        await new Promise((r) => setTimeout(r, 5))
+        open.abort('client-abort', { cancel: true })
+        await statement
+      })
+      .catch(() => {})
+    await open.end({ commit: false }).catch(() => {})
+    expect(events.indexOf('cancel')).toBeGreaterThan(events.indexOf('BEGIN answered'))
+    expect(events.slice(0, 2)).toEqual(['BEGIN sent', 'statement sent'])
+    expect(events).toContain('ROLLBACK')
+  })
+})
+
+describe('where a closed session was used from', () => {
+  it("with release: 'idle', SessionClosedError shows the session's first statement, not its last checkout", async () => {
+    const { driver, scope } = make(new FakeDriver(), {
+      transaction: 'none',
+      release: 'idle',
+      captureStacks: true,
+    })
+    let kept: ReturnType<typeof scope.getSession> | undefined
+    async function firstStatementHere() {
+      await q(scope, driver, 'A')
+    }
+    async function secondStatementHere() {
+      await q(scope, driver, 'B')
+    }
+    await scope.run(async () => {
+      kept = scope.getSession()
+      await firstStatementHere()
+      await secondStatementHere()
+    })
+    const err = await kept!.use(async () => 1).catch((e: Error) => e)
+    expect(err).toBeInstanceOf(SessionClosedError)
+    expect((err as Error).message).toMatch(/First statement at:\n[\s\S]*firstStatementHere/)
+    expect((err as Error).message).not.toMatch(/secondStatementHere/)
+  })
+
+  it('a connection taken by maxHoldMs names the reason, and shows the first statement instead of a timer stack', async () => {
+    const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 20, captureStacks: true })
+    async function statementHere() {
+      await q(scope, driver, 'A')
+    }
+    const err = await scope
+      .run(async () => {
+        await statementHere()
+        await new Promise((r) => setTimeout(r, 60))
+        await q(scope, driver, 'B')
+      })
+      .catch((e: Error) => e)
+    expect((err as Error).message).toMatch(/maxHoldMs/)
+    expect((err as Error).message).toMatch(/First statement at:\n[\s\S]*statementHere/)
+    expect((err as Error).message).not.toMatch(/Closed at/)
+  })
+})

@@ -243,9 +243,16 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
     opts: ReleaseOptions,
     client: ReturnType<PgClients['client']>,
   ): Promise<void> {
-    if (!opts.destroy) return this.#driver.releaseConnection(conn.raw)
+    // A transaction left open on it (a raw `begin` through db or db.connection()) must not reach
+    // the next holder, whose statements would run, and be lost, inside it.
+    const status = client?.getTransactionStatus?.()
+    const dirty = status !== undefined && status !== 'I'
+    if (!opts.destroy && !dirty) return this.#driver.releaseConnection(conn.raw)
     if (client) {
-      destroyClient(client, opts.error)
+      destroyClient(
+        client,
+        opts.error ?? (dirty ? new Error('connection released inside a transaction') : undefined),
+      )
       return Promise.resolve()
     }
     return this.#releaseUndestroyable(conn, opts.error)

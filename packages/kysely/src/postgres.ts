@@ -29,6 +29,8 @@ export interface PgPoolLike {
 interface PgClientLike extends CancellableClient {
   /** node-postgres 8.23+ `pipeline: true`: statements go on the wire without waiting for the previous one. */
   pipeline?: boolean
+  /** libpq's transaction status of the last answer: `I` idle, `T` in a transaction, `E` failed one. */
+  getTransactionStatus?(): string
   release(error?: Error | boolean): void
   on(event: 'error', listener: (error: Error) => void): unknown
 }

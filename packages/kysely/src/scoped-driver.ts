@@ -2,7 +2,7 @@
  * The Kysely Driver (and connection provider) behind `scopedKysely`: it
  * routes every connection request to the current scope's session.
  */
-import type { Scope } from '@scoped/core'
+import type { Scope, Session } from '@scoped/core'
 import { NoActiveScopeError } from '@scoped/core'
 import type {
   ConnectionProvider,
@@ -58,10 +58,30 @@ export class ScopedDriver implements Driver, ConnectionProvider {
     } catch (e) {
       return this.#provideOutside(e, consumer)
     }
+    const conn = new SessionConnection(session, this.#driver, this.#log)
+    if (session.releasesWhenIdle) return this.#retained(session, conn, consumer)
     try {
-      return consumer(new SessionConnection(session, this.#driver, this.#log))
+      return consumer(conn)
     } catch (e) {
       return Promise.reject(e)
+    }
+  }
+
+  /**
+   * `release: 'idle'`: whatever Kysely runs on one connection handle
+   * (`db.connection().execute(fn)`, a transaction, `startTransaction()`) keeps
+   * the session's connection until it is done, so its statements share it.
+   */
+  async #retained<T>(
+    session: Session<DatabaseConnection>,
+    conn: SessionConnection,
+    consumer: (connection: DatabaseConnection) => Promise<T>,
+  ): Promise<T> {
+    const done = session.retain()
+    try {
+      return await consumer(conn)
+    } finally {
+      done()
     }
   }
 

@@ -45,7 +45,8 @@ const known = new Set(['dialect', 'outsideScope', 'plugins', 'log'])
  * - `db.transaction().execute(fn)` and `db.startTransaction()` are savepoints
  *   of the session's transaction (or its outermost transaction when none is
  *   open yet); the global `db` inside `fn` joins the same transaction.
- * - `db.connection()` is the session's connection.
+ * - `db.connection()` is the session's connection (with `release: 'idle'`,
+ *   one connection for as long as its `execute(fn)` runs).
  * - `db.destroy()` closes the scope.
  *
  * @example

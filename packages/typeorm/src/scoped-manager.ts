@@ -116,7 +116,8 @@ export function scopedManager(scope: Scope<QueryRunner>): ScopedEntityManager {
       opts = { isolation }
     }
     const session = scope.getSession()
-    return session.transaction(async () => fn((await session.connection()).manager), opts)
+    // A tracked use, not connection(): under release: 'idle' the connection is kept for fn only.
+    return session.transaction(() => session.use((qr) => fn(qr.manager)), opts)
   }
   return new Proxy(Object.create(null), {
     get(_, prop) {
