@@ -52,6 +52,7 @@ export {
 } from './scope.js'
 export {
   type Hook,
+  type ReleaseMode,
   Session,
   type SessionOutcome,
   type SessionState,
