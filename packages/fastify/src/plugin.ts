@@ -131,22 +131,9 @@ function scopedSessionPlugin(
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, next) => {
     let state: RequestScope
     try {
-      const route = request.routeOptions
-      if (
-        !warnedUntracked &&
-        route.url !== undefined &&
-        !(route.config as unknown as Record<symbol, unknown>)[kTracked]
-      ) {
-        warnedUntracked = true
-        request.log.warn(
-          `[scoped] route ${request.method} ${route.url} was declared before scopedSession finished loading, ` +
-            'so a client abort may release its connection between two statements of its handler. ' +
-            'Fix: await app.register(scopedSession, ...) before declaring routes.',
-        )
-      }
-      const name = opts.name
-        ? sessionName(opts.name, request)
-        : `${request.method} ${route.url ?? '(no route)'}`
+      // The default name is read only when a session is made (or an error names it):
+      // a request that never queries does not look its route up.
+      const name = opts.name ? sessionName(opts.name, request) : () => routeName(request)
       const open = scope.open({ name, requestId: String(request.id), kind: 'request' })
       state = new RequestScope(open, reply, opts)
     } catch (error) {
@@ -181,9 +168,25 @@ function scopedSessionPlugin(
 
   fastify.addHook('onSend', (request: FastifyRequest, _reply: FastifyReply, payload, next) => {
     const state = scopeOf(request)
-    if (state) state.send(payload, next as (error: Error | null, payload?: unknown) => void)
-    else next(null, payload)
+    if (!state) return next(null, payload)
+    // A response whose handler never ran through our wrapper: a hook answered, a 404, or
+    // a route declared before the plugin loaded, which is worth one warning.
+    if (!warnedUntracked && !state.handlerRan) warnIfUntracked(request)
+    state.send(payload, next as (error: Error | null, payload?: unknown) => void)
   })
+
+  function warnIfUntracked(request: FastifyRequest): void {
+    const route = request.routeOptions
+    if (route.url === undefined || (route.config as unknown as Record<symbol, unknown>)[kTracked]) {
+      return
+    }
+    warnedUntracked = true
+    request.log.warn(
+      `[scoped] route ${request.method} ${route.url} was declared before scopedSession finished loading, ` +
+        'so a client abort may release its connection between two statements of its handler. ' +
+        'Fix: await app.register(scopedSession, ...) before declaring routes.',
+    )
+  }
 
   fastify.addHook('onTimeout', (request: FastifyRequest, _reply: FastifyReply, next) => {
     scopeOf(request)?.timedOut()
@@ -191,6 +194,11 @@ function scopedSessionPlugin(
   })
 
   done()
+}
+
+/** The default session name: `GET /orders/:id`, `GET (no route)` for a 404. */
+function routeName(request: FastifyRequest): string {
+  return `${request.method} ${request.routeOptions.url ?? '(no route)'}`
 }
 
 function sessionName(name: (request: FastifyRequest) => string, request: FastifyRequest): string {

@@ -85,6 +85,11 @@ export class RequestScope {
     this.#handler = 'running'
   }
 
+  /** The route handler was called (through the plugin's wrapper). */
+  get handlerRan(): boolean {
+    return this.#handler !== 'not-started'
+  }
+
   /** The route handler returned: a promise may still run (watched only when it matters), anything else is done. */
   handlerReturned(result: unknown): void {
     if (
