@@ -280,6 +280,7 @@ async function makeApp(variant: string): Promise<App> {
       }
     }
     case 'mikro-rc':
+    case 'mikro-rc-tx':
     case 'scoped-mikro': {
       const { initMikro } = await import('./mikro.ts')
       const { orm, Order, requestContext } = await initMikro(config.url, config.poolMax)
@@ -302,6 +303,21 @@ async function makeApp(variant: string): Promise<App> {
             await orm.em.flush()
             return { id: order.id }
           },
+        }
+      }
+      if (variant === 'mikro-rc-tx') {
+        // The same, with the read in a transaction (BEGIN/COMMIT, like 'auto'): what the
+        // two extra round trips and MikroORM's own transaction handling cost.
+        return {
+          middleware: { kind: 'mikro', create: requestContext },
+          read: async (req) =>
+            plain(await orm.em.transactional((em) => em.findOne(Order, idOf(req)))),
+          write: async (req) =>
+            orm.em.transactional(async (em) => {
+              const order = create(em, orderOf(req))
+              await em.flush()
+              return { id: order.id }
+            }),
         }
       }
       const { mikroOrmDriver, currentEntityManager } = await import('@scoped/mikro-orm')

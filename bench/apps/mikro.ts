@@ -14,6 +14,7 @@ export interface EntityManager {
   findOne(entity: unknown, id: number): Promise<any>
   create(entity: unknown, data: Record<string, unknown>): any
   flush(): Promise<void>
+  transactional<T>(fn: (em: EntityManager) => Promise<T>): Promise<T>
   getConnection(type: 'write'): { getKnex(): any }
 }
 

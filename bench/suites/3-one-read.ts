@@ -37,6 +37,10 @@ export const readVariants: Variant[] = [
   { variant: 'kysely-tx', label: 'plain Kysely, `db.transaction()` per request' },
   { variant: 'scoped-kysely', label: "`scopedKysely`, `'auto'`", against: 'kysely-tx' },
   { variant: 'mikro-rc', label: 'MikroORM `RequestContext` (`em.fork()` per request)' },
+  {
+    variant: 'mikro-rc-tx',
+    label: 'MikroORM `RequestContext`, the read in `em.transactional()` (BEGIN/COMMIT)',
+  },
   { variant: 'scoped-mikro', label: "`@scoped/mikro-orm`, `'auto'`", against: 'mikro-rc' },
 ]
 
@@ -66,7 +70,9 @@ export async function oneRead(ctx: Context) {
     '`under bare als.run()` rows: the same code under a one-line AsyncLocalStorage middleware, the',
     'floor of any design built on it); ours run under `scopedSession`; MikroORM under',
     "`RequestContext.create(orm.em, next)`. MikroORM's read is autocommit (no transaction), like",
-    "`'none'`; `@scoped/mikro-orm` and the `'auto'` variants wrap it in BEGIN/COMMIT.",
+    "`'none'`; `@scoped/mikro-orm` and the `'auto'` variants wrap it in BEGIN/COMMIT. The",
+    "`em.transactional()` row is MikroORM's own read in a transaction: what BEGIN/COMMIT cost",
+    'MikroORM (knex), the like-for-like row for `@scoped/mikro-orm`.',
     '',
     `### Node ${ctx.node20Version}`,
     '',

@@ -3,7 +3,7 @@
  * identity map) bound to one connection checked out of MikroORM's knex pool.
  */
 
-import { TransactionEventBroadcaster } from '@mikro-orm/core'
+import { EventType, type TransactionEventType } from '@mikro-orm/core'
 import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
 import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { SessionClosedError, TransactionStateError } from '@scoped/core'
@@ -12,6 +12,9 @@ import { CancelGuard, type CancellableClient, isFatalPgError, isRetryablePgError
 /** The raw pg client knex hands out; `__knex__disposed` is knex's own "never reuse" mark. */
 interface RawConnection extends CancellableClient {
   __knex__disposed?: unknown
+  /** Set by knex on a connection it runs a transaction on (it shows in knex's query events). */
+  __knexTxId?: unknown
+  query(sql: string): Promise<unknown>
   end(): Promise<void>
 }
 
@@ -31,7 +34,8 @@ interface KnexLike {
   }
 }
 
-type Transaction = object
+/** A knex transaction (a knex instance bound to one connection, with its own commit/rollback). */
+type Transaction = object & { isCompleted?(): boolean }
 
 interface Pinned {
   connection: RawConnection
@@ -67,6 +71,48 @@ const isolationLevels = {
   serializable: 'serializable',
 } as const
 
+/** The BEGIN statement for `opts` (the isolation level is one of the three above, never user text). */
+function beginSql(opts: TxOptions): string {
+  const isolation = opts.isolation ? ` ISOLATION LEVEL ${isolationLevels[opts.isolation]}` : ''
+  const access = opts.readOnly === undefined ? '' : opts.readOnly ? ' READ ONLY' : ' READ WRITE'
+  return `BEGIN${isolation}${access}`
+}
+
+/**
+ * MikroORM's transaction event `event`, with the arguments em.begin()/em.commit()
+ * give it, when a subscriber listens to it (none listen to most: no dispatch then).
+ */
+async function announce(
+  em: EntityManager,
+  event: TransactionEventType,
+  transaction?: Transaction,
+): Promise<void> {
+  const events = em.getEventManager()
+  for (const s of events.getSubscribers()) {
+    if (event in s) {
+      await events.dispatchEvent(event, { em, transaction })
+      return
+    }
+  }
+}
+
+/**
+ * Nothing for a flush to do or to announce: no managed entity, nothing
+ * persisted or removed, and no subscriber to the flush events. Then a commit
+ * skips MikroORM's flush (which would compute change sets and dispatch
+ * beforeFlush/onFlush/afterFlush for nothing).
+ */
+function nothingToFlush(em: EntityManager): boolean {
+  const uow = em.getUnitOfWork()
+  if (uow.getPersistStack().size > 0 || uow.getRemoveStack().size > 0) return false
+  if (uow.getOrphanRemoveStack().size > 0) return false
+  for (const _ of uow.getIdentityMap()) return false
+  for (const s of em.getEventManager().getSubscribers()) {
+    if ('beforeFlush' in s || 'onFlush' in s || 'afterFlush' in s) return false
+  }
+  return true
+}
+
 /** knex marked the connection broken (its pg client emitted 'error' or 'end'). */
 function throwIfGone(p: Pinned, statement: string): void {
   const gone = p.connection.__knex__disposed
@@ -92,10 +138,11 @@ export function pinnedOf(em: EntityManager): Pinned | undefined {
  * gets `orm.em.fork()` — its own identity map and unit of work — bound to one
  * connection checked out of MikroORM's pool at the session's first use:
  *
- * - BEGIN is a knex transaction on that connection, set as the fork's
- *   transaction context (MikroORM's transaction events fire);
- * - COMMIT is `em.commit()`: MikroORM flushes the unit of work, then commits;
- * - ROLLBACK is `em.rollback()`;
+ * - BEGIN: the connection's knex transaction (made at its first session, then
+ *   kept for it; later sessions send BEGIN on the connection) becomes the
+ *   fork's transaction context; MikroORM's transaction events fire;
+ * - COMMIT flushes the unit of work, as `em.commit()` does, then commits;
+ * - ROLLBACK rolls the whole transaction back and drops pending actions;
  * - a nested `transaction(fn)` flushes, then opens MikroORM's nested transaction
  *   (a SAVEPOINT) and makes it the fork's context until `fn` ends;
  * - at release the fork is cleared (`em.clear()`) and the connection goes back
@@ -145,6 +192,29 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
   // CancelRequest that lands late would cancel the statement of the connection's next holder.
   const cancels = new CancelGuard<RawConnection>()
 
+  // Per pooled connection, the knex transaction made at its first BEGIN, reused as the fork's
+  // transaction context by every later session on it: making one per session (a knex instance
+  // with its own client, events and promise chain, BEGIN and COMMIT through knex's query path)
+  // was most of what a session cost over MikroORM's autocommit read. Later sessions send
+  // BEGIN/COMMIT/ROLLBACK on the connection itself; knex never completes this transaction,
+  // so the context stays usable (queries, em.getKnex(), savepoints) for the next session.
+  const contexts = new WeakMap<RawConnection, Transaction>()
+
+  /** Sends a transaction statement on the session's connection, logged as MikroORM logs its own. */
+  const send = async (em: EntityManager, p: Pinned, sql: string) => {
+    await p.connection.query(sql)
+    if (orm.config.getLogger().isEnabled('query')) {
+      ;(em.getConnection('write') as unknown as { logQuery(sql: string): void }).logQuery(sql)
+    }
+  }
+
+  /** At COMMIT/ROLLBACK: a savepoint still open (a release that failed) would stall the next one's; start afresh. */
+  const endOfContext = (p: Pinned) => {
+    if (p.parents.length === 0) return
+    contexts.delete(p.connection)
+    p.parents.length = 0
+  }
+
   const driver: Driver<EntityManager> = {
     name: 'mikro-orm',
     async acquire() {
@@ -175,26 +245,49 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
     async begin(em, opts: TxOptions, info: SessionInfo) {
       const p = state(em, 'begin')
       p.session ??= { id: info.id, name: info.name }
-      const events = new TransactionEventBroadcaster(em, undefined, { topLevelTransaction: true })
-      await events.dispatchEvent('beforeTransactionStart' as never)
-      const trx = await knexOf(orm).transaction({
-        connection: p.connection,
-        ...(opts.isolation && { isolationLevel: isolationLevels[opts.isolation] }),
-        ...(opts.readOnly !== undefined && { readOnly: opts.readOnly }),
-      })
+      await announce(em, EventType.beforeTransactionStart)
+      let trx = contexts.get(p.connection)
+      if (trx && !trx.isCompleted?.()) {
+        await send(em, p, beginSql(opts))
+      } else {
+        trx = await knexOf(orm).transaction({
+          connection: p.connection,
+          ...(opts.isolation && { isolationLevel: isolationLevels[opts.isolation] }),
+          ...(opts.readOnly !== undefined && { readOnly: opts.readOnly }),
+        })
+        // It stays on the connection after this session; it would show in knex's query events.
+        delete p.connection.__knexTxId
+        contexts.set(p.connection, trx)
+      }
       em.setTransactionContext(trx)
-      await events.dispatchEvent('afterTransactionStart' as never, trx)
+      await announce(em, EventType.afterTransactionStart, trx)
     },
     async commit(em) {
-      throwIfGone(state(em, 'commit'), 'COMMIT')
-      // Flushes the unit of work into the transaction, then COMMIT.
-      await em.commit()
+      const p = state(em, 'commit')
+      throwIfGone(p, 'COMMIT')
+      const trx = em.getTransactionContext()
+      // None: someone ended it (em.commit() in the handler); MikroORM's own error says so.
+      if (trx === undefined) return em.commit()
+      endOfContext(p)
+      // The unit of work goes into the transaction first, as em.commit() does.
+      if (!nothingToFlush(em)) await em.flush()
+      await announce(em, EventType.beforeTransactionCommit, trx)
+      await send(em, p, 'COMMIT')
+      em.resetTransactionContext()
+      await announce(em, EventType.afterTransactionCommit, trx)
     },
     async rollback(em) {
-      if (em.getTransactionContext() === undefined) return
-      // knex swallows a failed ROLLBACK on a dead connection; say it, so the session destroys it.
-      throwIfGone(state(em, 'rollback'), 'ROLLBACK')
-      await em.rollback()
+      const trx = em.getTransactionContext()
+      if (trx === undefined) return
+      const p = state(em, 'rollback')
+      // A connection knex marked broken: say so, so the session destroys it.
+      throwIfGone(p, 'ROLLBACK')
+      endOfContext(p)
+      await announce(em, EventType.beforeTransactionRollback, trx)
+      await send(em, p, 'ROLLBACK')
+      em.resetTransactionContext()
+      em.getUnitOfWork().clearActionsQueue()
+      await announce(em, EventType.afterTransactionRollback, trx)
     },
     async savepoint(em) {
       const p = state(em, 'savepoint')

@@ -178,3 +178,131 @@ describe('connections that must not be reused', () => {
     expect(poolFigures(orm).total).toBeLessThanOrEqual(2)
   })
 })
+
+describe('sessions one after another on one connection', () => {
+  // Every session on a connection after its first reuses that connection's knex transaction
+  // context and sends BEGIN/COMMIT/ROLLBACK itself: each session must still get its own
+  // transaction, with its own options, its savepoints, and MikroORM's transaction events.
+  let one: MikroORM
+  let serial: ReturnType<typeof createScope<EntityManager>>
+  beforeAll(async () => {
+    one = await initOrm(url, 1, uniqueAppName('mikro_one'))
+    serial = createScope({ driver: mikroOrmDriver(one), default: false, name: 'mikro-one' })
+  })
+  afterAll(async () => {
+    await serial.close()
+  })
+
+  const settings = async (em: EntityManager) => {
+    const [row] = await em.execute(
+      "SELECT current_setting('transaction_isolation') AS iso, current_setting('transaction_read_only') AS ro, pg_backend_pid() AS pid, txid_current() AS tx",
+    )
+    return row as { iso: string; ro: string; pid: number; tx: string }
+  }
+
+  it('each gets its own transaction and options, savepoints work, and the events fire for each', async () => {
+    const events: string[] = []
+    const ems = new Set<unknown>()
+    const record =
+      (name: string) =>
+      (args: { em: unknown }): void => {
+        events.push(name)
+        ems.add(args.em)
+      }
+    one.em.getEventManager().registerSubscriber({
+      beforeTransactionStart: record('beforeStart'),
+      afterTransactionStart: record('afterStart'),
+      beforeTransactionCommit: record('beforeCommit'),
+      afterTransactionCommit: record('afterCommit'),
+      beforeTransactionRollback: record('beforeRollback'),
+      afterTransactionRollback: record('afterRollback'),
+    })
+
+    const seen: { iso: string; ro: string; pid: number; tx: string }[] = []
+    const sessionEms: EntityManager[] = []
+    await serial.run(async () => {
+      const em = await currentEntityManager(serial)
+      sessionEms.push(em)
+      seen.push(await settings(em))
+      em.persist(em.create(NoteSchema, { v: 'first' }))
+    })
+    await serial.run(
+      async () => {
+        await serial.getSession().transaction(
+          async () => {
+            const em = await currentEntityManager(serial)
+            sessionEms.push(em)
+            seen.push(await settings(em))
+          },
+          { isolation: 'serializable', readOnly: true },
+        )
+      },
+      { transaction: 'none' },
+    )
+    await expect(
+      serial.run(async () => {
+        const em = await currentEntityManager(serial)
+        sessionEms.push(em)
+        seen.push(await settings(em))
+        em.persist(em.create(NoteSchema, { v: 'rolled-back' }))
+        await em.flush()
+        throw new Error('planned')
+      }),
+    ).rejects.toThrow('planned')
+    await serial.run(async () => {
+      const session = serial.getSession()
+      const em = await currentEntityManager(serial)
+      sessionEms.push(em)
+      seen.push(await settings(em))
+      await session.transaction(async () => {
+        em.persist(em.create(NoteSchema, { v: 'savepoint-kept' }))
+      })
+      await expect(
+        session.transaction(async () => {
+          em.persist(em.create(NoteSchema, { v: 'savepoint-dropped' }))
+          await em.flush()
+          throw new Error('inner')
+        }),
+      ).rejects.toThrow('inner')
+      em.persist(em.create(NoteSchema, { v: 'last' }))
+    })
+
+    expect(new Set(seen.map((s) => s.pid)).size).toBe(1)
+    expect(new Set(seen.map((s) => s.tx)).size).toBe(seen.length)
+    expect(seen.map((s) => [s.iso, s.ro])).toEqual([
+      ['read committed', 'off'],
+      ['serializable', 'on'],
+      ['read committed', 'off'],
+      ['read committed', 'off'],
+    ])
+    expect(await values()).toEqual(['first', 'savepoint-kept', 'last'])
+    const session = ['beforeStart', 'afterStart']
+    expect(events).toEqual([
+      ...session,
+      'beforeCommit',
+      'afterCommit',
+      ...session,
+      'beforeCommit',
+      'afterCommit',
+      ...session,
+      'beforeRollback',
+      'afterRollback',
+      ...session,
+      'beforeCommit',
+      'afterCommit',
+    ])
+    expect([...ems]).toEqual(sessionEms)
+    const p = poolFigures(one)
+    expect([p.total, p.idle, p.waiting]).toEqual([1, 1, 0])
+  })
+
+  it('a flush subscriber still sees the flush at COMMIT of a session that changed nothing', async () => {
+    let flushes = 0
+    one.em.getEventManager().registerSubscriber({ beforeFlush: () => void flushes++ })
+    await serial.run(async () => {
+      const em = await currentEntityManager(serial)
+      await settings(em)
+    })
+    expect(flushes).toBe(1)
+  })
+})
