@@ -196,13 +196,15 @@ async function makeApp(variant: string): Promise<App> {
       }
     }
     case 'scoped-none':
+    case 'scoped-none-idle':
     case 'scoped-auto':
     case 'scoped-auto-pipelined': {
       const pool = newPool(variant === 'scoped-auto-pipelined' ? { pipeline: true } : {})
       const scope = createScope({
         driver: pgDriver(pool),
         name: 'bench',
-        transaction: variant === 'scoped-none' ? 'none' : 'auto',
+        transaction: variant.startsWith('scoped-none') ? 'none' : 'auto',
+        release: variant === 'scoped-none-idle' ? 'idle' : 'end',
       })
       watchScoped()
       const db = scopedPool(scope)
@@ -249,9 +251,10 @@ async function makeApp(variant: string): Promise<App> {
           }),
       }
     }
-    case 'scoped-kysely': {
+    case 'scoped-kysely':
+    case 'scoped-kysely-pipelined': {
       const { kyselyDriver, scopedKysely } = await import('@scoped/kysely')
-      const pool = newPool()
+      const pool = newPool(variant === 'scoped-kysely-pipelined' ? { pipeline: true } : {})
       const dialect = new PostgresDialect({ pool })
       const scope = createScope({ driver: kyselyDriver(dialect, { pool }), name: 'bench' })
       watchScoped()

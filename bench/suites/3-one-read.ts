@@ -22,6 +22,13 @@ export const readVariants: Variant[] = [
     min: 0.95,
   },
   {
+    variant: 'scoped-none-idle',
+    label: "`scopedPool`, `transaction: 'none'`, `release: 'idle'`",
+    against: 'pool-query',
+    floor: 'pool-query+als',
+    min: 0.95,
+  },
+  {
     variant: 'scoped-auto',
     label: "`scopedPool`, `'auto'`",
     against: 'hand-tx',
@@ -36,6 +43,11 @@ export const readVariants: Variant[] = [
   },
   { variant: 'kysely-tx', label: 'plain Kysely, `db.transaction()` per request' },
   { variant: 'scoped-kysely', label: "`scopedKysely`, `'auto'`", against: 'kysely-tx' },
+  {
+    variant: 'scoped-kysely-pipelined',
+    label: "`scopedKysely`, `'auto'`, pool `pipeline: true`",
+    against: 'kysely-tx',
+  },
   { variant: 'mikro-rc', label: 'MikroORM `RequestContext` (`em.fork()` per request)' },
   {
     variant: 'mikro-rc-tx',
@@ -51,6 +63,7 @@ const node24Variants = [
   'hand-tx',
   'hand-tx+als',
   'scoped-none',
+  'scoped-none-idle',
   'scoped-auto-pipelined',
 ]
 

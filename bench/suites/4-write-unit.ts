@@ -32,6 +32,11 @@ export const writeVariants: Variant[] = [
     label: "`scopedKysely`, `'auto'`",
     against: 'kysely-tx',
   },
+  {
+    variant: 'scoped-kysely-pipelined',
+    label: "`scopedKysely`, `'auto'`, pool `pipeline: true`",
+    against: 'kysely-tx',
+  },
   { variant: 'mikro-rc', label: 'MikroORM `RequestContext`, `em.create()` + `em.flush()`' },
   {
     variant: 'scoped-mikro',

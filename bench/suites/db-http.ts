@@ -119,7 +119,12 @@ export function dbTargets(suite: string, { variants, runs }: DbRuns): Target[] {
   const mikro = runs.get('mikro-rc')
   // Only where the suite measures MikroORM (the Node 24 subset of suite 3 does not).
   const withMikro = variants.some((v) => v.variant.includes('mikro'))
-  for (const ours of ['scoped-kysely', 'scoped-auto-pipelined', 'scoped-mikro']) {
+  for (const ours of [
+    'scoped-kysely',
+    'scoped-kysely-pipelined',
+    'scoped-auto-pipelined',
+    'scoped-mikro',
+  ]) {
     const rs = runs.get(ours)
     if (!rs || !withMikro) continue
     if (!mikro) {
