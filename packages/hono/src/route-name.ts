@@ -16,10 +16,27 @@ import type { Context } from 'hono'
 const ALL = 'ALL'
 
 export function routeName(c: Context): string {
+  return routeNameAt(c, c.req.routeIndex)
+}
+
+/**
+ * The default name, read only when something asks for it (a session is made,
+ * an error names the scope): a request that never queries builds no name.
+ * `c.req.routeIndex` moves on as the chain runs, so the middleware's own
+ * index is taken now.
+ */
+export function lazyRouteName(c: Context): () => string {
+  const index = c.req.routeIndex
+  let name: string | undefined
+  return () => (name ??= routeNameAt(c, index))
+}
+
+/** The name as seen from the middleware at `index` in the matched routes. */
+function routeNameAt(c: Context, index: number): string {
   // `matchedRoutes` is deprecated in favour of `hono/route`, which hono < 4.8
   // lacks; the getter reads the same match result in every 4.x.
   const routes = c.req.matchedRoutes
-  const after = c.req.routeIndex + 1
+  const after = index + 1
   let pattern: string | undefined
   for (let i = after; i < routes.length; i++) {
     if (routes[i]!.method !== ALL) {
@@ -35,6 +52,6 @@ export function routeName(c: Context): string {
       }
     }
   }
-  pattern ??= routes[c.req.routeIndex]?.path ?? '*'
+  pattern ??= routes[index]?.path ?? '*'
   return `${c.req.method} ${pattern}`
 }

@@ -5,12 +5,14 @@
 import { getDefaultScope, type Scope } from '@scoped/core'
 import type { Context, MiddlewareHandler } from 'hono'
 import {
+  defaultCommitOn,
   type ResolvedSessionOptions,
   resolveSessionOptions,
   type ScopedSessionOptions,
 } from './options.js'
 import { RequestLifecycle } from './request-lifecycle.js'
 import { bodyIsFinished, inspectBody } from './response-body.js'
+import { lazyRouteName, routeName } from './route-name.js'
 
 function describe(v: unknown): string {
   if (typeof v === 'string') return JSON.stringify(v)
@@ -99,20 +101,28 @@ export function scopedSession<C = unknown>(
   const target = resolveScope(scope)
   const opts = resolveSessionOptions(options)
 
+  const defaultName = opts.name === routeName
+
   return function scopedSession(c, next) {
-    const name = opts.name(c)
-    if (typeof name !== 'string' || name === '') {
-      throw new TypeError(
-        `scopedSession(scope, { name }): name(c) must return a non-empty string, got ${describe(name)}`,
-      )
+    let name: string | (() => string)
+    if (defaultName) name = lazyRouteName(c)
+    else {
+      // A custom name(c) runs now, where it was always run (what c.req.param() sees here),
+      // and a bad one fails the request even when it never queries.
+      name = opts.name(c)
+      if (typeof name !== 'string' || name === '') {
+        throw new TypeError(
+          `scopedSession(scope, { name }): name(c) must return a non-empty string, got ${describe(name)}`,
+        )
+      }
     }
     // hono/request-id's middleware, when mounted before this one, names the request in holders.
     const requestId: unknown = c.get('requestId')
-    const open = target.open({
-      name,
-      kind: 'request',
-      ...(typeof requestId === 'string' && { requestId }),
-    })
+    const open = target.open(
+      typeof requestId === 'string'
+        ? { name, kind: 'request', requestId }
+        : { name, kind: 'request' },
+    )
     const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c)
     const errorBefore = c.error
     let chain: Promise<void>
@@ -155,7 +165,12 @@ function chainReturned<C>(
   if (c.error !== errorBefore || life.aborted) return afterErrorOrAbort(c, life, opts, errorBefore)
   let commit: boolean
   try {
-    commit = opts.commitOn({ status: c.res.status, error: undefined }) === true
+    const status = c.res.status
+    // The default needs no outcome object: nothing was thrown here.
+    commit =
+      opts.commitOn === defaultCommitOn
+        ? status < 500
+        : opts.commitOn({ status, error: undefined }) === true
   } catch (e) {
     return chainThrew(life, e)
   }
