@@ -51,6 +51,14 @@ export interface OpenOptions extends Omit<RunOptions, 'name'> {
   name?: string | (() => string)
   /** `request`, `job`, …: how error messages speak of the scope. Default `scope`. */
   kind?: string
+  /**
+   * Called each time the scope makes a session (its first `getSession()`, and
+   * the first after a `remove()`), once the session is in place, before it is
+   * returned: an adapter can start watching for client aborts only in scopes
+   * that use the database. It runs inside `getSession()`, so it must be cheap
+   * and must not throw; it may call `abort()`.
+   */
+  onSession?: () => void
 }
 
 export interface JobOptions extends RunOptions {
@@ -203,11 +211,13 @@ export class OpenScope<C> {
   #onExternal: (() => void) | undefined
   /** Called once when the scope aborts: pending checkouts stop waiting. Made when first needed. */
   #abortWaiters: Set<() => void> | undefined
+  #onSession: (() => void) | undefined
 
   /** @internal */
   constructor(scope: ScopeImpl<C>, opts: OpenOptions, name: string | (() => string)) {
     this.#scope = scope
     this.#name = name
+    this.#onSession = opts.onSession
     this.kind = opts.kind ?? 'scope'
     this.requestId = opts.requestId
     this.#mode = opts.transaction ?? scope.options.transaction
@@ -273,8 +283,10 @@ export class OpenScope<C> {
     }
     if (s && !(this.#removed && s.state === 'closed')) return s
     this.#removed = false
-    this.#session = new Session(this.#scope.core, this, this.name, this.#mode, this.#releaseIdle)
-    return this.#session
+    const session = new Session(this.#scope.core, this, this.name, this.#mode, this.#releaseIdle)
+    this.#session = session
+    this.#onSession?.()
+    return session
   }
 
   /** The session if one was made, without making one. */
@@ -808,6 +820,12 @@ function validateRunOptions(
   if (opts.name !== undefined && !lazyName && (typeof opts.name !== 'string' || opts.name === '')) {
     throw new TypeError(
       `${call}(fn, { name }): expected a non-empty string, got ${typeof opts.name}`,
+    )
+  }
+  const onSession = (opts as OpenOptions).onSession
+  if (onSession !== undefined && (call !== 'open' || typeof onSession !== 'function')) {
+    throw new TypeError(
+      `${call}(fn, { onSession }): ${call === 'open' ? `expected a function, got ${typeof onSession}` : 'only open() takes it'}`,
     )
   }
   if (opts.signal !== undefined && !(opts.signal instanceof AbortSignal)) {
