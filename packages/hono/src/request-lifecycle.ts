@@ -8,6 +8,10 @@
  *        └─ client gone: abort ──────────┘
  *   raw response 'close' after the chain settled: end() (rollback) if still open
  *
+ * The raw response is watched (watch()) from the scope's first session on, or
+ * when the chain settled on a path that outlives it; a request that never made
+ * a session and ends when the chain settles is never watched.
+ *
  * `AsyncLocalStorage` is lost in `req`/`res` event listeners, so every
  * listener here reaches the scope through `this`, never through getSession().
  */
@@ -39,6 +43,8 @@ export class RequestLifecycle<C> {
   #open: OpenScope<C>
   #scope: Scope<C>
   #cancelOnAbort: boolean
+  /** The request's context until watch() started watching it. */
+  #c: Context | undefined
   #chainDone = false
   /** The raw response closed before the chain settled: nothing will read a body now. */
   #closedEarly = false
@@ -51,11 +57,23 @@ export class RequestLifecycle<C> {
     this.#open = open
     this.#scope = scope
     this.#cancelOnAbort = cancelOnAbort
+    this.#c = c
+  }
+
+  /**
+   * Start watching the response (once): from the scope's first session on, or
+   * when the chain settled on any path but the one that ends at once. Before
+   * either, a client that left has nothing to abort.
+   */
+  watch(): void {
+    const c = this.#c
+    if (c === undefined) return
+    this.#c = undefined
     const raw = rawResponse(c)
     if (raw) {
       // 'close' fires on every path: after a clean finish, on client aborts, on
       // socket timeouts. Before the finish it means the client is gone.
-      if (raw.closed) this.#gone(false)
+      if (raw.closed) this.#gone(raw.writableFinished)
       else raw.on('close', () => this.#gone(raw.writableFinished))
     } else {
       // Other runtimes (Bun, Deno, app.request()): the request's signal is all there is.

@@ -118,10 +118,13 @@ export function scopedSession<C = unknown>(
     }
     // hono/request-id's middleware, when mounted before this one, names the request in holders.
     const requestId: unknown = c.get('requestId')
+    // Client aborts are watched for from the moment the scope makes a session: before that
+    // there is nothing to abort, and a request that never queries adds no listener.
+    const onSession = () => life.watch()
     const open = target.open(
       typeof requestId === 'string'
-        ? { name, kind: 'request', requestId }
-        : { name, kind: 'request' },
+        ? { name, kind: 'request', requestId, onSession }
+        : { name, kind: 'request', onSession },
     )
     const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c)
     const errorBefore = c.error
@@ -150,10 +153,17 @@ async function chainThrew<C>(life: RequestLifecycle<C>, thrown: unknown): Promis
   throw thrown
 }
 
+/** `commitOn` for a response the chain returned; the default needs no outcome object. */
+function commitReturned(opts: ResolvedSessionOptions, status: number): boolean {
+  return opts.commitOn === defaultCommitOn
+    ? status < 500
+    : opts.commitOn({ status, error: undefined }) === true
+}
+
 /**
  * The chain returned. The common case (no error, the client still there, a
  * finished body, a unit of work that ends without waiting: e.g. one that never
- * queried) ends here synchronously; the rest goes to the async paths.
+ * queried) ends here synchronously; the rest goes to the async path.
  */
 function chainReturned<C>(
   c: Context,
@@ -161,20 +171,20 @@ function chainReturned<C>(
   opts: ResolvedSessionOptions,
   errorBefore: unknown,
 ): Promise<void> | undefined {
+  if (c.error !== errorBefore || life.aborted || !bodyIsFinished(c.res)) {
+    // Whatever happens now may outlive this reaction (a body to read, a rollback to
+    // wait for): watch the response, as a scope with a session already does.
+    life.watch()
+    life.chainSettled()
+    return settleSlowly(c, life, opts, errorBefore)
+  }
   life.chainSettled()
-  if (c.error !== errorBefore || life.aborted) return afterErrorOrAbort(c, life, opts, errorBefore)
   let commit: boolean
   try {
-    const status = c.res.status
-    // The default needs no outcome object: nothing was thrown here.
-    commit =
-      opts.commitOn === defaultCommitOn
-        ? status < 500
-        : opts.commitOn({ status, error: undefined }) === true
+    commit = commitReturned(opts, c.res.status)
   } catch (e) {
     return chainThrew(life, e)
   }
-  if (!bodyIsFinished(c.res)) return inspectThenEnd(c, life, commit)
   try {
     if (life.endNow(commit)) return undefined
   } catch (e) {
@@ -189,8 +199,8 @@ function commitFailed(c: Context, e: unknown): never {
   throw asError(e)
 }
 
-/** An Error answered by app.onError (or a timeout), or a client that left while the chain ran. */
-async function afterErrorOrAbort<C>(
+/** Everything but the common case: an Error app.onError answered, a timeout, a client gone, a body to read ahead. */
+async function settleSlowly<C>(
   c: Context,
   life: RequestLifecycle<C>,
   opts: ResolvedSessionOptions,
@@ -231,8 +241,14 @@ async function afterErrorOrAbort<C>(
     return
   }
 
-  // A handled error that commitOn keeps: end as for a returned response.
-  await inspectThenEnd(c, life, true)
+  let commit: boolean
+  try {
+    commit = commitHandled || commitReturned(opts, c.res.status)
+  } catch (e) {
+    await life.rollback()
+    throw e
+  }
+  await inspectThenEnd(c, life, commit)
 }
 
 /** A body that may still be produced: read ahead to tell, then end now or when it ends. */
