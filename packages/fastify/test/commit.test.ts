@@ -8,11 +8,14 @@
 import Fastify, { type FastifyInstance } from 'fastify'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
-import { committed, expectSettled, type Harness, harness, listen } from './support.ts'
+import { committed, expectSettled, gate, type Harness, harness, listen } from './support.ts'
 
 let h: Harness
 let app: FastifyInstance
 let base: string
+/** Holds /send-then-work after it answered; `reached` opens once it waits. */
+let hold = gate()
+let reached = gate()
 
 async function insert(tag: string): Promise<void> {
   await h.db.query('INSERT INTO events (tag) VALUES ($1)', [tag])
@@ -147,6 +150,14 @@ beforeAll(async () => {
       return { ok: true }
     },
   })
+  // Answers a 500 (a rollback) from inside the handler, then keeps working.
+  app.get('/send-then-work', async (_request, reply) => {
+    await insert('send-then-work')
+    reply.code(500).send({ failed: true })
+    reached.open()
+    await hold.promise
+    await insert('send-then-work-late').catch(() => {})
+  })
   ;({ base } = await listen(app))
 })
 
@@ -222,4 +233,24 @@ describe('how each outcome ends: exactly one release, the right commit or rollba
       expect(h.releases() - released).toBe(1)
     })
   }
+})
+
+describe('a rollback answered while the handler still runs', () => {
+  it('goes out at once; the connection is kept until the handler settles, then rolled back and released once', async () => {
+    hold = gate()
+    reached = gate()
+    const released = h.releases()
+    const res = await fetch(`${base}/send-then-work`)
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await reached.promise
+    // The handler still runs: its connection is not given back under it.
+    expect(h.scope.stats().holding).toBe(1)
+    expect(h.releases()).toBe(released)
+    hold.open()
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    expect(await rowsOf('send-then-work')).toBe(0)
+    expect(await rowsOf('send-then-work-late')).toBe(0)
+  })
 })
