@@ -153,8 +153,16 @@ describe('kyselyDriver with createScope', () => {
   })
 
   it('a job timeout cancels the running statement on the server (57014), it does not wait for it', async () => {
+    // Checkout and BEGIN first, so that on a loaded machine the timeout still lands inside the
+    // sleep (a timeout before the statement started would have nothing to cancel).
     const err = await scope
-      .runJob(() => query('SELECT pg_sleep(30)'), { name: 'slow', timeoutMs: 300 })
+      .runJob(
+        async () => {
+          await query('SELECT 1')
+          return query('SELECT pg_sleep(30)')
+        },
+        { name: 'slow', timeoutMs: 1_000 },
+      )
       .catch((e) => e)
     // The job rejects as timed out; what the statement got is the cause: cancelled by the server.
     expect(err).toBeInstanceOf(ScopeAbortedError)
