@@ -225,7 +225,15 @@ export function ormSuite(harness: OrmHarness): void {
 
   it('a job timeout cancels the running statement on the server (57014)', async () => {
     const err = await f.scope
-      .runJob(() => f.pidAndSleep(5), { name: 'slow', timeoutMs: 200 })
+      // A first short statement checks out and begins, so that on a loaded machine the timeout
+      // still lands inside the sleep (before the statement started, there is nothing to cancel).
+      .runJob(
+        async () => {
+          await f.pidAndSleep(0)
+          return f.pidAndSleep(5)
+        },
+        { name: 'slow', timeoutMs: 1_000 },
+      )
       .catch((e: unknown) => e)
     // The job rejects as timed out; what the statement got is the cause: cancelled by the server
     // (without the cancel the sleep would run its 5 s and end without an error).
