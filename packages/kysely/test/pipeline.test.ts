@@ -11,59 +11,26 @@ import { createScope } from '@scoped/core'
 import { kyselyDriver, scopedKysely } from '@scoped/kysely'
 import { type Generated, PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
-import { recordWire } from '../../../test/support/wire.ts'
+import { describe, expect, it } from 'vitest'
+import { pipelineFixture } from '../../../test/support/wire.ts'
 
 interface DB {
   items: { id: Generated<number>; v: string }
 }
 
-let url: string
-const app = `kysely_pipeline_${process.pid}`
-const wire: string[] = []
-const scopes: { close(): Promise<void> }[] = []
+const f = pipelineFixture('kysely_pipeline')
+const { wire, committed, settled } = f
 
 function makeDb(config: pg.PoolConfig & { pipeline?: boolean } = {}, withPool = true) {
-  const pool = new pg.Pool({
-    connectionString: url,
-    application_name: app,
-    max: 2,
-    pipeline: true,
-    ...config,
-  } as pg.PoolConfig)
-  recordWire(pool, wire)
+  const pool = f.pool(config)
   const dialect = new PostgresDialect({ pool })
   const scope = createScope({
     driver: kyselyDriver(dialect, withPool ? { pool } : {}),
     default: false,
     name: 'kysely-pipeline',
   })
-  scopes.push(scope)
+  f.closeLater(scope)
   return { pool, scope, db: scopedKysely<DB>(scope) }
-}
-
-beforeAll(async () => {
-  url = await testDatabase('kysely_pipeline')
-  await independentQuery(url, 'CREATE TABLE items (id serial PRIMARY KEY, v text NOT NULL)')
-})
-
-beforeEach(async () => {
-  wire.length = 0
-  await independentQuery(url, 'TRUNCATE items')
-})
-
-afterAll(async () => {
-  await Promise.all(scopes.map((s) => s.close()))
-})
-
-const committed = async () =>
-  (await independentQuery(url, 'SELECT v FROM items ORDER BY id')).map((r) => r.v)
-
-const settled = async (pool: pg.Pool) => {
-  expect(pool.totalCount).toBe(pool.idleCount)
-  const left = await backends(url, app)
-  expect(left.filter((b) => b.state.startsWith('idle in transaction'))).toEqual([])
 }
 
 /** The unit's first exchange on the wire, from its BEGIN. */

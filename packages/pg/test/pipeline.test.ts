@@ -10,54 +10,17 @@
 import { createScope } from '@scoped/core'
 import { pgDriver, scopedPool } from '@scoped/pg'
 import pg from 'pg'
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
-import { recordWire } from '../../../test/support/wire.ts'
+import { describe, expect, it } from 'vitest'
+import { pipelineFixture } from '../../../test/support/wire.ts'
 
-let url: string
-const app = `pg_pipeline_${process.pid}`
-const pools: pg.Pool[] = []
-const scopes: { close(): Promise<void> }[] = []
-
-/** What went over one client's socket, in order: the statements it wrote, and each read. */
-const wire: string[] = []
+const f = pipelineFixture('pg_pipeline')
+const { wire, committed, settled } = f
 
 function makeScope(config: pg.PoolConfig & { pipeline?: boolean } = {}) {
-  const pool = new pg.Pool({
-    connectionString: url,
-    application_name: app,
-    max: 2,
-    pipeline: true,
-    ...config,
-  } as pg.PoolConfig)
-  recordWire(pool, wire)
-  pools.push(pool)
+  const pool = f.pool(config)
   const scope = createScope({ driver: pgDriver(pool), default: false, name: 'pipeline' })
-  scopes.push(scope)
+  f.closeLater(scope)
   return { pool, scope, db: scopedPool(scope) }
-}
-
-beforeAll(async () => {
-  url = await testDatabase('pg_pipeline')
-  await independentQuery(url, 'CREATE TABLE items (id serial PRIMARY KEY, v text NOT NULL)')
-})
-
-beforeEach(async () => {
-  wire.length = 0
-  await independentQuery(url, 'TRUNCATE items')
-})
-
-afterAll(async () => {
-  await Promise.all(scopes.map((s) => s.close()))
-})
-
-const committed = async () =>
-  (await independentQuery(url, 'SELECT v FROM items ORDER BY id')).map((r) => r.v)
-
-const settled = async (pool: pg.Pool) => {
-  expect(pool.totalCount).toBe(pool.idleCount)
-  const left = await backends(url, app)
-  expect(left.filter((b) => b.state.startsWith('idle in transaction'))).toEqual([])
 }
 
 describe("pipelined BEGIN ('auto' mode on a pipeline: true pool)", () => {
