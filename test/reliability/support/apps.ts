@@ -52,8 +52,11 @@ export interface AppOptions {
   handlerTimeoutMs?: number
   /** What a `hang` unit waits for after its first row. Default: forever. */
   hang?: (id: string) => Promise<void>
-  /** Told the error of the statement a `hang` unit tries after `hang(id)` resolved. */
-  late?: (id: string, error: unknown) => void
+  /**
+   * Told what became of the statement a `hang` unit tries after `hang(id)` resolved:
+   * its error, or `lateStatementSucceeded` (so a scenario that expects an error fails at once).
+   */
+  late?: (id: string, outcome: unknown) => void
   /** Told every error that reaches the app's error handler, with the unit's id. */
   onError?: (id: string, error: unknown) => void
   /** Told each unit that really committed (an `afterCommit` hook: it runs after the COMMIT). */
@@ -69,6 +72,9 @@ export interface RunningApp {
   /** Stop accepting, let in-flight requests finish, then resolve. */
   closeGracefully(): Promise<void>
 }
+
+/** What `late` is told when a `hang` unit's late statement succeeded. */
+export const lateStatementSucceeded = Symbol('the late statement succeeded')
 
 /** A planned failure, so a report can tell it from a real one. */
 export class PlannedError extends Error {
@@ -90,6 +96,7 @@ async function unit(opts: AppOptions, kind: string, id: string, sleepMs: number)
       opts.late?.(id, e)
       throw e
     }
+    opts.late?.(id, lateStatementSucceeded)
   }
   const ms = kind === 'timeout' ? 1_000 : sleepMs
   if (ms > 0) await db.query('SELECT pg_sleep($1)', [ms / 1000])
