@@ -211,6 +211,8 @@ export class OpenScope<C> {
   #onExternal: (() => void) | undefined
   /** Called once when the scope aborts: pending checkouts stop waiting. Made when first needed. */
   #abortWaiters: Set<() => void> | undefined
+  /** The usual case, one waiter (a session's checkout): no Set is made for it. */
+  #abortWaiter: (() => void) | undefined
   #onSession: (() => void) | undefined
 
   /** @internal */
@@ -255,13 +257,22 @@ export class OpenScope<C> {
 
   /** @internal A pending checkout stops waiting when the scope aborts. */
   addAbortWaiter(fn: () => void): void {
+    if (this.#abortWaiter === undefined && this.#abortWaiters === undefined) {
+      this.#abortWaiter = fn
+      return
+    }
     this.#abortWaiters ??= new Set()
+    if (this.#abortWaiter !== undefined) {
+      this.#abortWaiters.add(this.#abortWaiter)
+      this.#abortWaiter = undefined
+    }
     this.#abortWaiters.add(fn)
   }
 
   /** @internal */
   removeAbortWaiter(fn: () => void): void {
-    this.#abortWaiters?.delete(fn)
+    if (this.#abortWaiter === fn) this.#abortWaiter = undefined
+    else this.#abortWaiters?.delete(fn)
   }
 
   /** The current session, made on first use; after `remove()`, a new one. */
@@ -311,7 +322,10 @@ export class OpenScope<C> {
     if (this.aborted || this.#ended || this.#ending) return
     this.aborted = new ScopeAbortedError(this.name, kind, opts.detail)
     this.#controller?.abort(this.aborted)
-    if (this.#abortWaiters) for (const fn of this.#abortWaiters) fn()
+    const one = this.#abortWaiter
+    this.#abortWaiter = undefined
+    one?.()
+    if (this.#abortWaiters) for (const fn of [...this.#abortWaiters]) fn()
     this.#session?.onAbort(opts.cancel ?? false)
   }
 
