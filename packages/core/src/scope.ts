@@ -325,7 +325,7 @@ export class OpenScope<C> {
     const one = this.#abortWaiter
     this.#abortWaiter = undefined
     one?.()
-    if (this.#abortWaiters) for (const fn of [...this.#abortWaiters]) fn()
+    if (this.#abortWaiters) for (const fn of this.#abortWaiters) fn()
     this.#session?.onAbort(opts.cancel ?? false)
   }
 

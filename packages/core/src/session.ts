@@ -987,10 +987,6 @@ export class Session<C = unknown> {
   /** @internal `remove()` is closing it: application code, so where is worth a stack. */
   noteRemoved(): void {
     this.#closedHow ||= 'it was closed by remove()'
-    this.#noteClosedAt()
-  }
-
-  #noteClosedAt(): void {
     if (this.#core.options.captureStacks) this.#closedAt = captureStack('closed here')
   }
 
@@ -1035,19 +1031,11 @@ export class Session<C = unknown> {
 
   #closedError(call: string): Error {
     const how = this.#closedHow || `it is closing (its ${this.#frame.kind} ended)`
-    if (this.#closedAt) {
-      return new SessionClosedError(this, call, how, {
-        label: 'Closed at',
-        stack: userFrames(this.#closedAt.stack),
-      })
-    }
-    const acquired = this.#firstSite && userFrames(this.#firstSite.stack)
-    return new SessionClosedError(
-      this,
-      call,
-      how,
-      acquired === undefined ? undefined : { label: 'First statement at', stack: acquired },
-    )
+    // After remove(): where it was called. Otherwise where the session first ran a statement.
+    const [label, site] = this.#closedAt
+      ? ['Closed at', this.#closedAt]
+      : ['First statement at', this.#firstSite]
+    return new SessionClosedError(this, call, how, site && { label, stack: userFrames(site.stack) })
   }
 }
 

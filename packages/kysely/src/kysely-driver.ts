@@ -205,20 +205,25 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
    */
   #identify(raw: DatabaseConnection): SerialConnection | Promise<SerialConnection> {
     const conn = new SerialConnection(raw)
-    conn.pid = this.#pids.get(raw)
-    if (conn.pid === undefined) return this.#identifyFirst(conn, raw)
-    conn.pipelined = this.#clients!.client(conn.pid)?.pipeline === true
-    return conn
+    const pid = this.#pids.get(raw)
+    return pid === undefined ? this.#identifyFirst(conn, raw) : this.#linked(conn, pid)
   }
 
   async #identifyFirst(conn: SerialConnection, raw: DatabaseConnection): Promise<SerialConnection> {
+    let pid: number
     try {
-      conn.pid = await this.#pidOf(raw)
+      pid = await this.#pidOf(raw)
     } catch (e) {
       await this.release(conn, { destroy: true, error: e })
       throw e
     }
-    conn.pipelined = this.#clients!.client(conn.pid)?.pipeline === true
+    return this.#linked(conn, pid)
+  }
+
+  /** The connection's backend pid, and whether its pg client pipelines. */
+  #linked(conn: SerialConnection, pid: number): SerialConnection {
+    conn.pid = pid
+    conn.pipelined = this.#clients!.client(pid)?.pipeline === true
     return conn
   }
 
@@ -273,8 +278,8 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
       const serial = own(conn)
       if (!serial) return foreign()
       serial.failed = false // a new transaction: nothing in it failed yet
-      // Pipelined: BEGIN does not hold the queue, so the first statement follows it at once.
-      return serial.pipelined ? serial.runAhead(runBegin) : serial.run(runBegin)
+      // On a pipelined client BEGIN does not hold the queue: the first statement follows at once.
+      return serial.runAhead(runBegin)
     }
     return this.beginTransaction(conn, toSettings(opts))
   }
@@ -428,7 +433,6 @@ export class KyselyDriver implements Driver<DatabaseConnection> {
   }
 }
 
-/** This driver's connection behind a DatabaseConnection the core hands back; undefined if foreign. */
 // PostgreSQL's transaction control, exactly as Kysely's PostgresDriver sends it, built once.
 const BEGIN = CompiledQuery.raw('begin')
 const COMMIT = CompiledQuery.raw('commit')
@@ -436,6 +440,7 @@ const nothing = (): void => {}
 const runBegin = (raw: DatabaseConnection): Promise<void> => raw.executeQuery(BEGIN).then(nothing)
 const runCommit = (raw: DatabaseConnection): Promise<void> => raw.executeQuery(COMMIT).then(nothing)
 
+/** This driver's connection behind a DatabaseConnection the core hands back; undefined if foreign. */
 function own(conn: DatabaseConnection): SerialConnection | undefined {
   return conn instanceof SerialConnection ? conn : undefined
 }
