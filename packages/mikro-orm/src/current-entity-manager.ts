@@ -3,21 +3,25 @@
  */
 
 import type { EntityManager } from '@mikro-orm/postgresql'
-import { type Scope, TransactionStateError } from '@scoped/core'
+import type { Scope } from '@scoped/core'
 import { pinnedOf } from './mikro-orm-driver.js'
 
 /**
- * The current session's EntityManager (a fork of `orm.em`, inside the unit of
- * work). Checks the connection out and begins the transaction on first use.
- * What you `persist()` is flushed and committed when the request or job ends
- * (`em.commit()`); call `em.flush()` yourself to write earlier (e.g. to get
- * generated ids). Like `session.connection()`, the use is not tracked; prefer
+ * The current session's EntityManager (a fork of `orm.em`, on the session's
+ * connection). Checks the connection out, and in `transaction: 'auto'` (the
+ * default) begins the transaction, on first use: what you `persist()` is then
+ * flushed and committed when the request or job ends (`em.commit()`); call
+ * `em.flush()` yourself to write earlier (e.g. to get generated ids).
+ *
+ * In `transaction: 'none'` its statements run in autocommit on the session's
+ * connection, as MikroORM's `RequestContext` runs them on a pool connection:
+ * `em.flush()` and `em.transactional()` write in a BEGIN…COMMIT of their own,
+ * nothing is flushed at the end, and `session.transaction(fn)` opens a
+ * transaction the EntityManager joins until `fn` ends.
+ *
+ * Like `session.connection()`, the use is not tracked; prefer
  * `scope.getSession().use((em) => ...)` for work the session must wait for, and
  * do not keep the EntityManager past the request (the fork is cleared then).
- *
- * Throws `TransactionStateError` when no transaction is open (a scope with
- * `transaction: 'none'` outside `transaction(fn)`): MikroORM would then run
- * the statements on other pool connections, outside the session.
  *
  * @example
  * ```ts
@@ -27,18 +31,10 @@ import { pinnedOf } from './mikro-orm-driver.js'
  * ```
  */
 export async function currentEntityManager(scope: Scope<EntityManager>): Promise<EntityManager> {
-  const session = scope.getSession()
-  const em = await session.connection()
+  const em = await scope.getSession().connection()
   if (!pinnedOf(em)) {
     throw new TypeError(
       'currentEntityManager(scope): expected a scope created with createScope({ driver: mikroOrmDriver(orm) }).',
-    )
-  }
-  if (!session.inTransaction) {
-    throw new TransactionStateError(
-      `currentEntityManager() in session '${session.name}', which has no open transaction: MikroORM would run ` +
-        "its statements on other pool connections, outside the session. Fix: use transaction: 'auto' (the default), " +
-        'or call it inside session.transaction(fn).',
     )
   }
   return em

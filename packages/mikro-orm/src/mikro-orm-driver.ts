@@ -21,16 +21,21 @@ interface RawConnection extends CancellableClient {
 /** The parts of knex this driver uses (typed here: MikroORM 6 and knex 3 differ in their exports). */
 interface KnexLike {
   transaction(config: Record<string, unknown>): Promise<Transaction>
-  client: {
-    acquireConnection(): Promise<RawConnection>
-    releaseConnection(conn: RawConnection): Promise<void>
-    pool?: {
-      numUsed(): number
-      numFree(): number
-      numPendingAcquires(): number
-      numPendingCreates(): number
-      max: number
-    }
+  /** A copy of this knex with its own client (knex's public way to make one). */
+  withUserParams(params: unknown): KnexLike
+  userParams: unknown
+  client: KnexClient
+}
+
+interface KnexClient {
+  acquireConnection(): Promise<RawConnection>
+  releaseConnection(conn: RawConnection): Promise<void>
+  pool?: {
+    numUsed(): number
+    numFree(): number
+    numPendingAcquires(): number
+    numPendingCreates(): number
+    max: number
   }
 }
 
@@ -148,9 +153,10 @@ export function pinnedOf(em: EntityManager): Pinned | undefined {
  * - at release the fork is cleared (`em.clear()`) and the connection goes back
  *   to the pool, or is destroyed when it failed.
  *
- * Use `transaction: 'auto'` (the default): MikroORM runs a statement outside a
- * transaction on a pool connection of its own, not on the session's.
- * `scope.close()` closes the ORM.
+ * The fork runs on the session's connection also outside a transaction: in
+ * `transaction: 'none'` its statements are autocommit there, and `em.flush()` /
+ * `em.transactional()` send their own BEGIN…COMMIT on it, as MikroORM's
+ * `RequestContext` does on a pool connection. `scope.close()` closes the ORM.
  *
  * @example
  * ```ts
@@ -215,11 +221,48 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
     p.parents.length = 0
   }
 
+  // Per pooled connection, MikroORM's driver seen through that one connection: its knex hands out
+  // only this connection and never returns it to the pool. A session's fork is made over it, so
+  // what runs outside a transaction context — every statement in 'none' mode, em.flush()'s and
+  // em.transactional()'s own BEGIN…COMMIT — runs on the session's connection, as in MikroORM's
+  // RequestContext it would on a pool connection.
+  const boundDrivers = new WeakMap<RawConnection, EntityManager['driver']>()
+  const driverOn = (connection: RawConnection): EntityManager['driver'] => {
+    let bound = boundDrivers.get(connection)
+    if (bound === undefined) {
+      const shared = orm.em.getDriver()
+      const knex = knexOf(orm)
+      const client: KnexClient = Object.create(knex.client)
+      client.acquireConnection = () => Promise.resolve(connection)
+      client.releaseConnection = () => Promise.resolve()
+      const own = knex.withUserParams(knex.userParams)
+      own.client = client
+      const conn = Object.create(shared.getConnection('write'), {
+        client: { value: own, writable: true },
+      })
+      bound = Object.create(shared, {
+        connection: { value: conn },
+        replicas: { value: [] },
+      }) as EntityManager['driver']
+      boundDrivers.set(connection, bound)
+    }
+    return bound
+  }
+
   const driver: Driver<EntityManager> = {
     name: 'mikro-orm',
     async acquire() {
       const connection = await knexOf(orm).client.acquireConnection()
-      const em = orm.em.fork({ clear: true, useContext: false }) as EntityManager
+      // A fork of the EntityManager in context (the global one, or a RequestContext's), as
+      // em.fork() makes it, but over the driver bound to this connection.
+      const from = Object.create(orm.em.getContext(false), {
+        driver: { value: driverOn(connection) },
+      }) as EntityManager
+      const em = from.fork({
+        clear: true,
+        useContext: false,
+        disableContextResolution: true,
+      }) as EntityManager
       pinned.set(em, { connection, parents: [], session: undefined })
       return em
     },

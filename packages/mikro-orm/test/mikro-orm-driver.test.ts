@@ -1,11 +1,12 @@
 /**
  * What is particular to MikroORM: the unit of work flushed at COMMIT, one
  * identity map per session (cleared at the end), a kept EntityManager failing
- * after its request, `transaction: 'none'`, and a broken connection destroyed.
+ * after its request, `transaction: 'none'` (autocommit on the session's
+ * connection), and a broken connection destroyed.
  */
 
 import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
-import { createScope, TransactionStateError } from '@scoped/core'
+import { createScope } from '@scoped/core'
 import { currentEntityManager, mikroOrmDriver } from '@scoped/mikro-orm'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import {
@@ -136,19 +137,56 @@ describe('misuse fails loudly', () => {
     await expectPoolIdle()
   })
 
-  it("in transaction: 'none', currentEntityManager() outside transaction(fn) says why and how to fix it", async () => {
+  it("in transaction: 'none', the EntityManager runs autocommit on the session's connection; its flush and em.transactional() are transactions of their own there", async () => {
+    const notes = () =>
+      committedRows<{ v: string; pid: number; txid: string }>(
+        url,
+        'SELECT v, pid, txid::text AS txid FROM notes ORDER BY id',
+      )
+    let pid = 0
     await scope.run(
       async () => {
-        await expect(currentEntityManager(scope)).rejects.toBeInstanceOf(TransactionStateError)
-        await expect(currentEntityManager(scope)).rejects.toThrow(/transaction: 'auto'/)
+        const em = await currentEntityManager(scope)
+        const [a] = await em.execute('SELECT pg_backend_pid() AS pid, txid_current()::text AS tx')
+        const [b] = await em.execute('SELECT pg_backend_pid() AS pid, txid_current()::text AS tx')
+        pid = a!.pid
+        // One connection, no transaction held across statements.
+        expect(b!.pid).toBe(pid)
+        expect(b!.tx).not.toBe(a!.tx)
+        expect(scope.getSession().inTransaction).toBe(false)
+
+        // em.flush(): both rows in one transaction of its own, committed before the scope ends.
+        em.persist(em.create(NoteSchema, { v: 'flush-1' }))
+        em.persist(em.create(NoteSchema, { v: 'flush-2' }))
+        await em.flush()
+        const flushed = await notes()
+        expect(flushed.map((n) => [n.v, n.pid])).toEqual([
+          ['flush-1', pid],
+          ['flush-2', pid],
+        ])
+        expect(flushed[0]!.txid).toBe(flushed[1]!.txid)
+
+        // em.transactional(): a throw rolls its transaction back.
+        await expect(
+          em.transactional(async (inner) => {
+            inner.persist(inner.create(NoteSchema, { v: 'transactional-dropped' }))
+            await inner.flush()
+            throw new Error('planned')
+          }),
+        ).rejects.toThrow('planned')
+
+        // session.transaction(fn): the EntityManager joins it; committed when fn ends.
         await scope.getSession().transaction(async () => {
-          const em = await currentEntityManager(scope)
-          em.persist(em.create(NoteSchema, { v: 'inside-transaction' }))
+          em.persist(em.create(NoteSchema, { v: 'in-session-transaction' }))
         })
+        // Persisted, never flushed: autocommit flushes nothing at the end.
+        em.persist(em.create(NoteSchema, { v: 'never-flushed' }))
       },
       { transaction: 'none' },
     )
-    expect(await values()).toEqual(['inside-transaction'])
+    const rows = await notes()
+    expect(rows.map((n) => n.v)).toEqual(['flush-1', 'flush-2', 'in-session-transaction'])
+    expect(new Set(rows.map((n) => n.pid))).toEqual(new Set([pid]))
     await expectPoolIdle()
   })
 })
