@@ -85,6 +85,10 @@ export class Session<C = unknown> {
   #conn: C | undefined
   /** The shared promise of "connection checked out and, in 'auto' mode, BEGIN sent". */
   #ready: Promise<C> | undefined
+  /** `#ready`'s connection once it resolved (while `#ready` is still that promise). */
+  #readyConn: C | undefined
+  /** use() calls waiting for the connection (checkout, BEGIN): later uses queue behind them. */
+  #waiting = 0
   /** The shared checkout in flight, so concurrent first uses never check out twice. */
   #acquiring: Promise<C> | undefined
   /**
@@ -227,41 +231,91 @@ export class Session<C = unknown> {
    * const { rows } = await getSession().use((c) => c.query('SELECT * FROM orders WHERE id = $1', [id]))
    * ```
    */
-  async use<T>(fn: (conn: C) => Promise<T>): Promise<T> {
+  // Not an async function, and `fn` is called at once when the connection is at hand: on
+  // Node 20 every promise and every await costs an AsyncLocalStorage hook's fields, and a
+  // statement is the commonest call there is.
+  use<T>(fn: (conn: C) => Promise<T>): Promise<T> {
     // Checked before the checkout: a wrong argument must not cost a connection.
     if (typeof fn !== 'function') {
-      throw new TypeError(
-        `use(fn): fn must be a function that receives the connection, got ${typeof fn}`,
+      return Promise.reject(
+        new TypeError(
+          `use(fn): fn must be a function that receives the connection, got ${typeof fn}`,
+        ),
       )
     }
     const err = this.#unusable('use()')
-    if (err) throw err
+    if (err) return Promise.reject(err)
     this.#inFlight++
     this.#running++
-    try {
-      const conn = await (this.#ready ?? this.#prepare())
-      try {
-        const result = await fn(conn)
-        if (this.#began) await this.#beganOrThrow()
-        return result
-      } catch (e) {
-        // After a pipelined BEGIN that failed, the statement's own error is only its consequence
-        // ("current transaction is aborted"): report the BEGIN's error instead.
-        if (this.#began) await this.#beganOrThrow()
-        this.#noteError(conn, e)
-        if (this.#forced) {
-          // The connection was taken by force under this use: the driver only says "Connection
-          // terminated"; say who took it and why (maxHoldMs, shutdown), keeping the driver's error.
-          const closed = this.#closedError('use()')
-          closed.cause = e
-          throw closed
-        }
+    const conn = this.#connNow()
+    if (conn !== undefined) return this.#useWith(fn, conn)
+    // Uses waiting for the connection go first: a later use must not overtake them.
+    this.#waiting++
+    return (this.#ready ?? this.#prepare()).then(
+      (c) => {
+        this.#waiting--
+        return this.#useWith(fn, c)
+      },
+      (e: unknown) => {
+        this.#waiting--
+        this.#useEnded()
         throw e
-      }
-    } finally {
-      this.#running--
-      this.#settle()
+      },
+    )
+  }
+
+  /** `fn` on the connection now; the use ends when its promise settles. */
+  #useWith<T>(fn: (conn: C) => Promise<T>, conn: C): Promise<T> {
+    let running: Promise<T>
+    try {
+      running = Promise.resolve(fn(conn))
+    } catch (e) {
+      running = Promise.reject(e)
     }
+    return running.then(
+      (result) => {
+        if (!this.#began) {
+          this.#useEnded()
+          return result
+        }
+        return this.#afterBegan(() => {
+          this.#useEnded()
+          return result
+        })
+      },
+      // After a pipelined BEGIN that failed, the statement's own error is only its consequence
+      // ("current transaction is aborted"): the BEGIN's error is reported instead.
+      (e: unknown) =>
+        this.#began ? this.#afterBegan(() => this.#useFailed(conn, e)) : this.#useFailed(conn, e),
+    )
+  }
+
+  /** `onBegan` once a pipelined BEGIN is answered; if it failed, the use ends with its error. */
+  #afterBegan<T>(onBegan: () => T): Promise<T> {
+    return this.#beganOrThrow().then(onBegan, (e: unknown) => {
+      this.#useEnded()
+      throw e
+    })
+  }
+
+  /** The use's statement failed: note a broken connection, say who took a forced one. */
+  #useFailed(conn: C, e: unknown): never {
+    this.#noteError(conn, e)
+    let error = e
+    if (this.#forced) {
+      // The connection was taken by force under this use: the driver only says "Connection
+      // terminated"; say who took it and why (maxHoldMs, shutdown), keeping the driver's error.
+      const closed = this.#closedError('use()')
+      closed.cause = e
+      error = closed
+    }
+    this.#useEnded()
+    throw error
+  }
+
+  #useEnded(): void {
+    this.#running--
+    this.#settle()
   }
 
   /**
@@ -459,13 +513,22 @@ export class Session<C = unknown> {
   }
 
   /** Checkout, then (unless a transaction was opened meanwhile) the unit of work's BEGIN. */
-  async #openUnit(): Promise<C> {
-    const conn = await this.#checkout()
-    if (this.#tx.length === 0) {
-      if (this.#core.driver.pipelined?.(conn)) this.#pipelineBegin(conn)
-      else await this.#begin({}, false)
+  #openUnit(): Promise<C> {
+    // A chain, not an async function: one promise less for every unit of work on Node 20.
+    const conn = this.#conn
+    if (conn === undefined) return this.#checkout().then((c) => this.#beginUnit(c))
+    const begun = this.#beginUnit(conn)
+    return begun === conn ? Promise.resolve(conn) : (begun as Promise<C>)
+  }
+
+  /** The unit of work's BEGIN on `conn`: the connection at once when pipelined, else once BEGIN is answered. */
+  #beginUnit(conn: C): C | Promise<C> {
+    if (this.#tx.length > 0) return this.#conn as C
+    if (this.#core.driver.pipelined?.(conn)) {
+      this.#pipelineBegin(conn)
+      return conn
     }
-    return this.#conn as C
+    return this.#begin({}, false).then(() => this.#conn as C)
   }
 
   /**
@@ -501,10 +564,28 @@ export class Session<C = unknown> {
   /** Cache `ready` for concurrent callers; a failed one is not cached, so the next call tries again. */
   #setReady(ready: Promise<C>): Promise<C> {
     this.#ready = ready
-    ready.catch(() => {
-      if (this.#ready === ready) this.#ready = undefined
-    })
+    this.#readyConn = undefined
+    ready.then(
+      (conn) => {
+        if (this.#ready === ready) this.#readyConn = conn
+      },
+      () => {
+        if (this.#ready === ready) this.#ready = undefined
+      },
+    )
     return ready
+  }
+
+  /**
+   * The connection when a statement may go out on it now, without waiting: held,
+   * nothing being set up on it (a checkout, a BEGIN not yet sent), no earlier use
+   * still waiting for it. Otherwise undefined: wait for `#ready`/`#prepare()`.
+   */
+  #connNow(): C | undefined {
+    if (this.#waiting > 0) return undefined
+    if (this.#ready !== undefined) return this.#readyConn
+    // No unit of work to open: in 'none' mode a held connection is ready as it is.
+    return this.#mode === 'none' && this.#phase === 'holding' ? this.#conn : undefined
   }
 
   /** The held connection, or the one checkout in flight (shared by concurrent first uses). */
@@ -764,75 +845,97 @@ export class Session<C = unknown> {
     this.#tx.pop()
   }
 
-  /** COMMIT or ROLLBACK the real transaction, then run its hooks. */
-  async #endTransaction(commit: boolean, cause?: unknown): Promise<void> {
-    if (this.#began) {
-      try {
-        await this.#beganOrThrow()
-      } catch (e) {
-        // The unit of work never began, and nothing sent behind its BEGIN can be trusted:
-        // no COMMIT, the connection (already marked dirty) is destroyed.
-        this.#began = undefined
-        if (commit) {
-          const pending = this.#pending
-          this.#pending = undefined
-          this.#rollbackOnly = false
-          if (pending) await this.#runHooks(pending.afterRollback, 'afterRollback')
-          throw e
-        }
-      }
-    }
+  /**
+   * COMMIT or ROLLBACK the real transaction, then run its hooks. The usual COMMIT
+   * (no pipelined BEGIN pending, a sound connection) is one promise: this is the
+   * end of every unit of work.
+   */
+  #endTransaction(commit: boolean, cause?: unknown): Promise<void> {
+    if (this.#began) return this.#endAfterBegan(commit, cause)
     const root = this.#tx[0]
     const conn = this.#conn
-    if (!root || conn === undefined) {
-      // Nothing began: an empty unit of work. Its hooks still learn how it ended.
-      const pending = this.#pending
-      this.#pending = undefined
-      this.#rollbackOnly = false
-      if (pending) {
-        await this.#runHooks(
-          commit ? pending.afterCommit : pending.afterRollback,
-          commit ? 'afterCommit' : 'afterRollback',
-        )
-      }
-      return
-    }
-    const driver = this.#core.driver
+    if (!root || conn === undefined) return this.#endEmptyTransaction(commit)
     this.#tx.length = 0
     this.#ready = undefined
     this.#rollbackOnly = false
-    if (commit) {
-      if (this.#broken !== undefined) {
-        await this.#rollbackQuietly(conn)
-        this.#core.rolledBack++
-        this.#publishRollback(this.#broken)
-        await this.#runHooks(root.afterRollback, 'afterRollback')
-        throw new TransactionStateError(
-          `COMMIT of session '${this.name}' was not attempted: its connection failed earlier and will be destroyed.`,
-          { cause: this.#broken },
-        )
-      }
-      try {
-        await driver.commit!(conn)
-      } catch (e) {
-        this.#noteError(conn, e)
-        // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
-        await this.#rollbackQuietly(conn)
-        this.#core.rolledBack++
-        this.#publishRollback(e)
-        await this.#runHooks(root.afterRollback, 'afterRollback')
+    if (!commit) return this.#rollBackUnit(conn, root, cause)
+    if (this.#broken !== undefined) return this.#commitRefused(conn, root)
+    let committing: Promise<void>
+    try {
+      committing = Promise.resolve(this.#core.driver.commit!(conn))
+    } catch (e) {
+      committing = Promise.reject(e)
+    }
+    return committing.then(
+      () => {
+        this.#core.committed++
+        if (channels.commit.hasSubscribers)
+          channels.commit.publish({ scope: this.#core.name, session: this })
+        if (root.afterCommit.length > 0) return this.#runHooks(root.afterCommit, 'afterCommit')
+      },
+      (e: unknown) => this.#commitFailed(conn, root, e),
+    )
+  }
+
+  /** A pipelined BEGIN is still unanswered: its outcome decides what ending means. */
+  async #endAfterBegan(commit: boolean, cause: unknown): Promise<void> {
+    try {
+      await this.#beganOrThrow()
+    } catch (e) {
+      // The unit of work never began, and nothing sent behind its BEGIN can be trusted:
+      // no COMMIT, the connection (already marked dirty) is destroyed.
+      this.#began = undefined
+      if (commit) {
+        const pending = this.#pending
+        this.#pending = undefined
+        this.#rollbackOnly = false
+        if (pending) await this.#runHooks(pending.afterRollback, 'afterRollback')
         throw e
       }
-      this.#core.committed++
-      if (channels.commit.hasSubscribers)
-        channels.commit.publish({ scope: this.#core.name, session: this })
-      if (root.afterCommit.length > 0) await this.#runHooks(root.afterCommit, 'afterCommit')
-    } else {
-      await this.#rollbackQuietly(conn, cause)
-      this.#core.rolledBack++
-      this.#publishRollback(cause)
-      if (root.afterRollback.length > 0) await this.#runHooks(root.afterRollback, 'afterRollback')
     }
+    return this.#endTransaction(commit, cause)
+  }
+
+  /** Nothing began: an empty unit of work. Its hooks still learn how it ended. */
+  async #endEmptyTransaction(commit: boolean): Promise<void> {
+    const pending = this.#pending
+    this.#pending = undefined
+    this.#rollbackOnly = false
+    if (pending) {
+      await this.#runHooks(
+        commit ? pending.afterCommit : pending.afterRollback,
+        commit ? 'afterCommit' : 'afterRollback',
+      )
+    }
+  }
+
+  async #rollBackUnit(conn: C, root: TxFrame, cause: unknown): Promise<void> {
+    await this.#rollbackQuietly(conn, cause)
+    this.#core.rolledBack++
+    this.#publishRollback(cause)
+    if (root.afterRollback.length > 0) await this.#runHooks(root.afterRollback, 'afterRollback')
+  }
+
+  /** The connection failed earlier: no COMMIT is attempted; it will be destroyed. */
+  async #commitRefused(conn: C, root: TxFrame): Promise<never> {
+    await this.#rollbackQuietly(conn)
+    this.#core.rolledBack++
+    this.#publishRollback(this.#broken)
+    await this.#runHooks(root.afterRollback, 'afterRollback')
+    throw new TransactionStateError(
+      `COMMIT of session '${this.name}' was not attempted: its connection failed earlier and will be destroyed.`,
+      { cause: this.#broken },
+    )
+  }
+
+  async #commitFailed(conn: C, root: TxFrame, e: unknown): Promise<never> {
+    this.#noteError(conn, e)
+    // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
+    await this.#rollbackQuietly(conn)
+    this.#core.rolledBack++
+    this.#publishRollback(e)
+    await this.#runHooks(root.afterRollback, 'afterRollback')
+    throw e
   }
 
   #publishRollback(error: unknown): void {
@@ -856,28 +959,43 @@ export class Session<C = unknown> {
     }
   }
 
-  async #close(commit: boolean): Promise<SessionOutcome> {
-    if (this.#inFlight > 0) {
-      await new Promise<void>((resolve) => {
-        this.#drained = resolve
-      })
+  #close(commit: boolean): Promise<SessionOutcome> {
+    if (this.#inFlight === 0) {
+      try {
+        return this.#closeIdle(commit)
+      } catch (e) {
+        return Promise.reject(e)
+      }
     }
+    return new Promise<void>((resolve) => {
+      this.#drained = resolve
+    }).then(() => this.#closeIdle(commit))
+  }
+
+  /** close() once no tracked use runs: end the transaction, if any, then release. */
+  #closeIdle(commit: boolean): Promise<SessionOutcome> {
     this.#clearTimers()
-    if (this.#phase === 'closed') return this.#outcome! // force-released while we waited
+    if (this.#phase === 'closed') return Promise.resolve(this.#outcome!) // force-released while we waited
     const conn = this.#conn
     const wantCommit = this.#startClose(commit)
-    let failure: unknown
     // A pipelined BEGIN still counts while its outcome is unknown (or failed unseen).
-    if (this.#tx.length > 0 || this.#began) {
+    const ending =
+      this.#tx.length > 0 || this.#began
+        ? this.#endTransaction(wantCommit)
+        : this.#pending
+          ? this.#endEmptyUnit(wantCommit)
+          : undefined
+    if (ending === undefined) {
       try {
-        await this.#endTransaction(wantCommit)
+        return Promise.resolve(this.#finishClose(conn, wantCommit, undefined))
       } catch (e) {
-        failure = e
+        return Promise.reject(e)
       }
-    } else if (this.#pending) {
-      await this.#endEmptyUnit(wantCommit)
     }
-    return this.#finishClose(conn, wantCommit, failure)
+    return ending.then(
+      () => this.#finishClose(conn, wantCommit, undefined),
+      (e: unknown) => this.#finishClose(conn, wantCommit, e),
+    )
   }
 
   /** Into 'closing': whether the unit of work is to commit. */
