@@ -3,6 +3,7 @@
  * so a typo fails at startup with a TypeError naming the option, not at the
  * first request.
  */
+import { getDefaultScope, type Scope } from '@scoped/core'
 import type { Context } from 'hono'
 import { routeName } from './route-name.js'
 
@@ -57,7 +58,8 @@ export interface ResolvedSessionOptions {
 
 const known = ['name', 'commitOn', 'cancelOnAbort']
 
-function describe(v: unknown): string {
+/** @internal A value as an error message shows it. */
+export function describe(v: unknown): string {
   if (typeof v === 'string') return JSON.stringify(v)
   if (typeof v === 'number' || typeof v === 'boolean') return String(v)
   return v === null ? 'null' : typeof v
@@ -67,34 +69,41 @@ function describe(v: unknown): string {
 export const defaultCommitOn = ({ status, error }: CommitOutcome): boolean =>
   error === undefined && status < 500
 
-/** @internal Check every option and fill in the defaults. */
-export function resolveSessionOptions(options: unknown): ResolvedSessionOptions {
+/**
+ * @internal Check every option and fill in the defaults. `entry` names the
+ * function in error messages (`scopedSession`, `scopedFetch`).
+ */
+export function resolveSessionOptions(
+  options: unknown,
+  entry: string,
+  scopeArg = 'scope',
+): ResolvedSessionOptions {
   if (options === undefined) {
     return { name: routeName, commitOn: defaultCommitOn, cancelOnAbort: false }
   }
   if (typeof options !== 'object' || options === null || Array.isArray(options)) {
     throw new TypeError(
-      `scopedSession(scope, options): options must be an object, got ${describe(options)}`,
+      `${entry}(${scopeArg}, options): options must be an object, got ${describe(options)}`,
     )
   }
   const o = options as Record<string, unknown>
   for (const key of Object.keys(o)) {
     if (!known.includes(key)) {
       throw new TypeError(
-        `scopedSession(scope, { ${key} }): unknown option. Known options: ${known.join(', ')}`,
+        `${entry}(${scopeArg}, { ${key} }): unknown option. Known options: ${known.join(', ')}`,
       )
     }
   }
   for (const key of ['name', 'commitOn'] as const) {
     if (o[key] !== undefined && typeof o[key] !== 'function') {
       throw new TypeError(
-        `scopedSession(scope, { ${key} }): expected a function, got ${describe(o[key])}`,
+        `${entry}(${scopeArg}, { ${key} }): expected a function, got ${describe(o[key])}`,
       )
     }
   }
   if (o.cancelOnAbort !== undefined && typeof o.cancelOnAbort !== 'boolean') {
     throw new TypeError(
-      `scopedSession(scope, { cancelOnAbort }): expected a boolean, got ${describe(o.cancelOnAbort)}`,
+      `${entry}(${scopeArg}, { cancelOnAbort }): expected a boolean, got ${describe(o.cancelOnAbort)}`,
     )
   }
   return {
@@ -102,4 +111,55 @@ export function resolveSessionOptions(options: unknown): ResolvedSessionOptions 
     commitOn: (o.commitOn as ResolvedSessionOptions['commitOn'] | undefined) ?? defaultCommitOn,
     cancelOnAbort: (o.cancelOnAbort as boolean | undefined) ?? false,
   }
+}
+
+/** @internal `commitOn` for a response the app returned; the default needs no outcome object. */
+export function commitReturned(opts: ResolvedSessionOptions, status: number): boolean {
+  return opts.commitOn === defaultCommitOn
+    ? status < 500
+    : opts.commitOn({ status, error: undefined }) === true
+}
+
+/** @internal What a failed COMMIT (or a body that could not be read) is thrown as. */
+export function asError(e: unknown): Error {
+  return e instanceof Error ? e : new Error(`COMMIT failed: ${String(e)}`, { cause: e })
+}
+
+/**
+ * @internal The scope given, or the default scope (looked up now). `entry`
+ * and `usage` name the function and show how to pass a scope in messages.
+ */
+export function resolveScope<C>(
+  scope: Scope<C> | undefined,
+  entry: 'scopedSession' | 'scopedFetch',
+  usage: string,
+): Scope<C> {
+  const middleware = entry === 'scopedSession'
+  const args = middleware ? '' : 'app, '
+  if (scope === undefined) {
+    const fallback = getDefaultScope()
+    if (!fallback) {
+      throw new Error(
+        `${entry}(): there is no default scope to use. Create it before ` +
+          (middleware ? 'mounting the middleware ' : 'calling scopedFetch() ') +
+          '(createScope({ driver }) makes the default scope unless default: false), ' +
+          `or pass your scope: ${usage}.`,
+      )
+    }
+    return fallback as Scope<C>
+  }
+  const s = scope as unknown as Record<string, unknown> | null
+  if (typeof s !== 'object' || s === null || typeof s.open !== 'function') {
+    const looksLikeOptions =
+      typeof s === 'object' &&
+      s !== null &&
+      ['name', 'commitOn', 'cancelOnAbort'].some((k) => k in s)
+    throw new TypeError(
+      `${entry}(${args}scope): expected a Scope from createScope(), got ${describe(scope)}.` +
+        (looksLikeOptions
+          ? ` To use the default scope with options, pass undefined ${middleware ? 'first' : 'as the scope'}: ${entry}(${args}undefined, options).`
+          : ' Pass nothing to use the default scope.'),
+    )
+  }
+  return scope
 }

@@ -17,18 +17,16 @@
  */
 import type { OpenScope, Scope } from '@scoped/core'
 import { channels } from '@scoped/core'
-import type { Context } from 'hono'
 import { type BodyState, liveBody } from './response-body.js'
 
-/** The parts of node's `ServerResponse` (`c.env.outgoing` on `@hono/node-server`) we rely on. */
+/** The parts of node's `ServerResponse` (`env.outgoing` on `@hono/node-server`) we rely on. */
 interface RawResponse {
   readonly writableFinished: boolean
   readonly closed?: boolean
   on(event: 'close', listener: () => void): unknown
 }
 
-function rawResponse(c: Context): RawResponse | undefined {
-  const env: unknown = c.env
+function rawResponse(env: unknown): RawResponse | undefined {
   if (typeof env !== 'object' || env === null) return undefined
   const out = (env as { outgoing?: Partial<RawResponse> }).outgoing
   if (out && typeof out.on === 'function' && typeof out.writableFinished === 'boolean') {
@@ -39,12 +37,20 @@ function rawResponse(c: Context): RawResponse | undefined {
 
 const noop = () => {}
 
+/** Hono's `timeout()` throws an HTTPException 504; others use 408 or a `TimeoutError`. */
+export function isTimeout(error: unknown): boolean {
+  if (!(error instanceof Error)) return false
+  const status = (error as { status?: unknown }).status
+  return status === 504 || status === 408 || error.name === 'TimeoutError'
+}
+
 export class RequestLifecycle<C> {
   #open: OpenScope<C>
   #scope: Scope<C>
   #cancelOnAbort: boolean
-  /** The request's context until watch() started watching it. */
-  #c: Context | undefined
+  /** The request's `env` (`c.env`: `{ incoming, outgoing }` on node-server) and request, until watch() started watching. */
+  #env: unknown
+  #request: Request | undefined
   #chainDone = false
   /** The raw response closed before the chain settled: nothing will read a body now. */
   #closedEarly = false
@@ -53,11 +59,24 @@ export class RequestLifecycle<C> {
   /** The live body's source, while it is being sent. */
   #source: ReadableStreamDefaultReader<unknown> | undefined
 
-  constructor(open: OpenScope<C>, scope: Scope<C>, cancelOnAbort: boolean, c: Context) {
+  /**
+   * The Error the app's error handler answered last (set by `scopedFetch()`'s
+   * wrapper of `app.errorHandler`; the middleware reads `c.error` instead).
+   */
+  answered: unknown = undefined
+
+  constructor(
+    open: OpenScope<C>,
+    scope: Scope<C>,
+    cancelOnAbort: boolean,
+    env: unknown,
+    request: Request,
+  ) {
     this.#open = open
     this.#scope = scope
     this.#cancelOnAbort = cancelOnAbort
-    this.#c = c
+    this.#env = env
+    this.#request = request
   }
 
   /**
@@ -66,10 +85,11 @@ export class RequestLifecycle<C> {
    * either, a client that left has nothing to abort.
    */
   watch(): void {
-    const c = this.#c
-    if (c === undefined) return
-    this.#c = undefined
-    const raw = rawResponse(c)
+    const request = this.#request
+    if (request === undefined) return
+    this.#request = undefined
+    const raw = rawResponse(this.#env)
+    this.#env = undefined
     if (raw) {
       // 'close' fires on every path: after a clean finish, on client aborts, on
       // socket timeouts. Before the finish it means the client is gone.
@@ -77,10 +97,21 @@ export class RequestLifecycle<C> {
       else raw.on('close', () => this.#gone(raw.writableFinished))
     } else {
       // Other runtimes (Bun, Deno, app.request()): the request's signal is all there is.
-      const signal = c.req.raw.signal
+      const signal = request.signal
       if (signal.aborted) this.#gone(false)
       else signal.addEventListener('abort', () => this.#gone(false), { once: true })
     }
+  }
+
+  /**
+   * `scopedFetch()`: the app's error handler is answering `error` (last one
+   * wins, as its response does). A timeout aborts at once: the handler still
+   * runs, and its running statement is cancelled.
+   */
+  errorAnswered(error: unknown): void {
+    if (this.#open.ended) return // an orphan's late error, after the request ended
+    this.answered = error
+    if (isTimeout(error)) this.abort('timeout', true)
   }
 
   /** The chain after the middleware settled: from now on a 'close' ends the unit of work. */
@@ -124,7 +155,7 @@ export class RequestLifecycle<C> {
     try {
       await this.end(false)
     } catch (e) {
-      this.#report(e, 'rollback at the end of the request')
+      this.report(e, 'rollback at the end of the request')
     }
   }
 
@@ -155,7 +186,7 @@ export class RequestLifecycle<C> {
           return undefined
         } catch (error) {
           if (!wanted) return undefined
-          this.#report(
+          this.report(
             error,
             `COMMIT of '${this.#open.name}' after its streamed response (the response was cut off)`,
           )
@@ -190,7 +221,8 @@ export class RequestLifecycle<C> {
     this.end(false).catch(noop)
   }
 
-  #report(error: unknown, during: string): void {
+  /** Report an error that no response can carry any more (scope onError / logger, diagnostics). */
+  report(error: unknown, during: string): void {
     const session = this.#open.existingSession
     if (channels.error.hasSubscribers) {
       channels.error.publish({ scope: this.#scope.name, session, error, during })

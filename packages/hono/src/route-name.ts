@@ -35,23 +35,25 @@ export function lazyRouteName(c: Context): () => string {
 function routeNameAt(c: Context, index: number): string {
   // `matchedRoutes` is deprecated in favour of `hono/route`, which hono < 4.8
   // lacks; the getter reads the same match result in every 4.x.
-  const routes = c.req.matchedRoutes
+  return `${c.req.method} ${patternAfter(c.req.matchedRoutes, index)}`
+}
+
+/**
+ * The pattern of the route that handles a request whose matched routes are
+ * `routes`, as seen from the entry at `index` (-1: from outside the app,
+ * `scopedFetch()`): the first method route after it, else the first route
+ * after it that is not a wildcard, else its own pattern (`*` from outside).
+ */
+export function patternAfter(
+  routes: readonly { method: string; path: string }[],
+  index: number,
+): string {
   const after = index + 1
-  let pattern: string | undefined
   for (let i = after; i < routes.length; i++) {
-    if (routes[i]!.method !== ALL) {
-      pattern = routes[i]!.path
-      break
-    }
+    if (routes[i]!.method !== ALL) return routes[i]!.path
   }
-  if (pattern === undefined) {
-    for (let i = after; i < routes.length; i++) {
-      if (!routes[i]!.path.endsWith('*')) {
-        pattern = routes[i]!.path
-        break
-      }
-    }
+  for (let i = after; i < routes.length; i++) {
+    if (!routes[i]!.path.endsWith('*')) return routes[i]!.path
   }
-  pattern ??= routes[index]?.path ?? '*'
-  return `${c.req.method} ${pattern}`
+  return routes[index]?.path ?? '*'
 }

@@ -2,66 +2,25 @@
  * `scopedSession()`: one database session per Hono request, committed before
  * the response is sent, released on every path.
  */
-import { getDefaultScope, type Scope } from '@scoped/core'
+import type { Scope } from '@scoped/core'
 import type { Context, MiddlewareHandler } from 'hono'
 import {
-  defaultCommitOn,
+  asError,
+  commitReturned,
+  describe,
   type ResolvedSessionOptions,
+  resolveScope,
   resolveSessionOptions,
   type ScopedSessionOptions,
 } from './options.js'
-import { RequestLifecycle } from './request-lifecycle.js'
+import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
 import { bodyIsFinished, inspectBody } from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
-
-function describe(v: unknown): string {
-  if (typeof v === 'string') return JSON.stringify(v)
-  return v === null ? 'null' : typeof v
-}
-
-function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
-  if (scope === undefined) {
-    const fallback = getDefaultScope()
-    if (!fallback) {
-      throw new Error(
-        'scopedSession(): there is no default scope to use. Create it before mounting the ' +
-          'middleware (createScope({ driver }) makes the default scope unless default: false), ' +
-          'or pass your scope: app.use(scopedSession(scope)).',
-      )
-    }
-    return fallback as Scope<C>
-  }
-  const s = scope as unknown as Record<string, unknown> | null
-  if (typeof s !== 'object' || s === null || typeof s.open !== 'function') {
-    const looksLikeOptions =
-      typeof s === 'object' &&
-      s !== null &&
-      ['name', 'commitOn', 'cancelOnAbort'].some((k) => k in s)
-    throw new TypeError(
-      `scopedSession(scope): expected a Scope from createScope(), got ${describe(scope)}.` +
-        (looksLikeOptions
-          ? ' To use the default scope with options, pass undefined first: scopedSession(undefined, options).'
-          : ' Pass nothing to use the default scope.'),
-    )
-  }
-  return scope
-}
-
-/** Hono's `timeout()` throws an HTTPException 504; others use 408 or a `TimeoutError`. */
-function isTimeout(error: unknown): boolean {
-  if (!(error instanceof Error)) return false
-  const status = (error as { status?: unknown }).status
-  return status === 504 || status === 408 || error.name === 'TimeoutError'
-}
 
 /** Replace the response outright: Hono's `c.res` setter would merge the old one's headers in. */
 function replaceResponse(c: Context, res: Response | undefined): void {
   c.res = undefined
   if (res) c.res = res
-}
-
-function asError(e: unknown): Error {
-  return e instanceof Error ? e : new Error(`COMMIT failed: ${String(e)}`, { cause: e })
 }
 
 /**
@@ -98,8 +57,8 @@ export function scopedSession<C = unknown>(
   scope?: Scope<C>,
   options?: ScopedSessionOptions,
 ): MiddlewareHandler {
-  const target = resolveScope(scope)
-  const opts = resolveSessionOptions(options)
+  const target = resolveScope(scope, 'scopedSession', 'app.use(scopedSession(scope))')
+  const opts = resolveSessionOptions(options, 'scopedSession')
 
   const defaultName = opts.name === routeName
 
@@ -126,7 +85,7 @@ export function scopedSession<C = unknown>(
         ? { name, kind: 'request', requestId, onSession }
         : { name, kind: 'request', onSession },
     )
-    const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c)
+    const life = new RequestLifecycle(open, target, opts.cancelOnAbort, c.env, c.req.raw)
     const errorBefore = c.error
     let chain: Promise<void>
     try {
@@ -151,13 +110,6 @@ async function chainThrew<C>(life: RequestLifecycle<C>, thrown: unknown): Promis
   life.chainSettled()
   await life.rollback()
   throw thrown
-}
-
-/** `commitOn` for a response the chain returned; the default needs no outcome object. */
-function commitReturned(opts: ResolvedSessionOptions, status: number): boolean {
-  return opts.commitOn === defaultCommitOn
-    ? status < 500
-    : opts.commitOn({ status, error: undefined }) === true
 }
 
 /**

@@ -60,10 +60,18 @@ export interface Running {
 
 /** `serve()` from @hono/node-server on a free loopback port. */
 export function listen(app: Hono<any>, serverOptions?: http.ServerOptions): Promise<Running> {
+  return serveFetch(app.fetch, serverOptions)
+}
+
+/** `serve({ fetch })` on a free loopback port: for `scopedFetch(app)`. */
+export function serveFetch(
+  fetch: (request: Request, env: any) => unknown,
+  serverOptions?: http.ServerOptions,
+): Promise<Running> {
   return new Promise((resolve) => {
     const server = serve(
       {
-        fetch: app.fetch,
+        fetch,
         port: 0,
         hostname: '127.0.0.1',
         ...(serverOptions && { serverOptions }),
@@ -91,18 +99,22 @@ interface Event {
   destroyed?: boolean
 }
 
-/** Count checkouts and releases of one scope, per request id (the `x-test-id` header). */
-export function tally(scopeName: string) {
+/**
+ * Count checkouts and releases of one scope, per request id (the `x-test-id`
+ * header), or per session name (`by: 'name'`: scopedFetch() has no Context
+ * for hono/request-id to set an id on, so its tests name sessions after it).
+ */
+export function tally(scopeName: string, by: 'requestId' | 'name' = 'requestId') {
   const acquires: Event[] = []
   const releases: Event[] = []
+  const key = (m: any) => (by === 'name' ? m.session.name : m.session.requestId)
   const onAcquire = (m: any) => {
-    if (m.scope === scopeName)
-      acquires.push({ requestId: m.session.requestId, name: m.session.name })
+    if (m.scope === scopeName) acquires.push({ requestId: key(m), name: m.session.name })
   }
   const onRelease = (m: any) => {
     if (m.scope === scopeName) {
       releases.push({
-        requestId: m.session.requestId,
+        requestId: key(m),
         name: m.session.name,
         destroyed: m.destroyed,
       })
