@@ -89,8 +89,13 @@ export class Session<C = unknown> {
   #readyConn: C | undefined
   /** use() calls waiting for the connection (checkout, BEGIN): later uses queue behind them. */
   #waiting = 0
-  /** The shared checkout in flight, so concurrent first uses never check out twice. */
+  /**
+   * The checkout in flight as a promise, for whoever joins it after the party that
+   * started it (concurrent first uses never check out twice). Made only when someone joins.
+   */
   #acquiring: Promise<C> | undefined
+  #joinResolve: ((conn: C) => void) | undefined
+  #joinReject: ((e: unknown) => void) | undefined
   /**
    * The unit of work's BEGIN while it is on the wire unanswered, when the driver
    * pipelines (`driver.pipelined(conn)`): statements were sent behind it without
@@ -251,6 +256,23 @@ export class Session<C = unknown> {
     if (conn !== undefined) return this.#useWith(fn, conn)
     // Uses waiting for the connection go first: a later use must not overtake them.
     this.#waiting++
+    if (this.#mode === 'none' && this.#phase === 'idle' && this.#ready === undefined) {
+      // The first statement: check out and run `fn` in the checkout's own reaction, one
+      // promise for the whole use (no cached "ready" to wait on in autocommit).
+      return new Promise<T>((resolve, reject) => {
+        this.#startCheckout(
+          (c) => {
+            this.#waiting--
+            this.#useInto(fn, c, resolve, reject)
+          },
+          (e) => {
+            this.#waiting--
+            this.#useEnded()
+            reject(e)
+          },
+        )
+      })
+    }
     return (this.#ready ?? this.#prepare()).then(
       (c) => {
         this.#waiting--
@@ -287,6 +309,37 @@ export class Session<C = unknown> {
       // ("current transaction is aborted"): the BEGIN's error is reported instead.
       (e: unknown) =>
         this.#began ? this.#afterBegan(() => this.#useFailed(conn, e)) : this.#useFailed(conn, e),
+    )
+  }
+
+  /**
+   * `#useWith` settling a promise of the caller's (the first statement's checkout):
+   * autocommit only, where no pipelined BEGIN can be pending.
+   */
+  #useInto<T>(
+    fn: (conn: C) => Promise<T>,
+    conn: C,
+    resolve: (r: T) => void,
+    reject: (e: unknown) => void,
+  ): void {
+    let running: Promise<T>
+    try {
+      running = Promise.resolve(fn(conn))
+    } catch (e) {
+      running = Promise.reject(e)
+    }
+    running.then(
+      (result) => {
+        this.#useEnded()
+        resolve(result)
+      },
+      (e: unknown) => {
+        try {
+          this.#useFailed(conn, e)
+        } catch (err) {
+          reject(err)
+        }
+      },
     )
   }
 
@@ -591,110 +644,134 @@ export class Session<C = unknown> {
   /** The held connection, or the one checkout in flight (shared by concurrent first uses). */
   #checkout(): Promise<C> {
     if (this.#conn !== undefined) return Promise.resolve(this.#conn)
-    if (this.#acquiring) return this.#acquiring
+    if (this.#phase === 'acquiring') {
+      this.#acquiring ??= new Promise<C>((resolve, reject) => {
+        this.#joinResolve = resolve
+        this.#joinReject = reject
+      })
+      return this.#acquiring
+    }
+    return new Promise<C>((resolve, reject) => this.#startCheckout(resolve, reject))
+  }
+
+  /** Start a checkout for `onConn`/`onFail`; whoever comes while it runs joins it (`#checkout`). */
+  #startCheckout(onConn: (conn: C) => void, onFail: (e: unknown) => void): void {
     const core = this.#core
     if (core.ended) {
-      return Promise.reject(new ScopeClosedError(core.name, `Session '${this.name}' checkout`))
+      onFail(new ScopeClosedError(core.name, `Session '${this.name}' checkout`))
+      return
     }
     // Asked for nothing: the driver is not called for a frame that is already over.
-    if (this.#frame.aborted) return Promise.reject(this.#frame.aborted)
+    if (this.#frame.aborted) {
+      onFail(this.#frame.aborted)
+      return
+    }
     // Captured synchronously, while the caller's frames are still on the stack.
     if (core.options.captureStacks) {
       this.#acquireSite = captureStack('acquired here')
       this.#firstSite ??= this.#acquireSite
     }
     this.#to('acquire')
-    const acquiring = this.#acquire(performance.now())
-    // A driver that threw at once has already put the phase back to idle: nothing to share.
-    if (this.#phase === 'acquiring') this.#acquiring = acquiring
-    return acquiring
+    this.#acquire(performance.now(), onConn, onFail)
   }
 
   /**
    * The driver's checkout, raced against the acquire timeout and the frame's
    * abort. Either one stops the wait at once; a connection the driver delivers
-   * after that goes straight back, never leaked. When the promise resolves the
-   * connection is the session's (phase, deadlines, stats). One promise of our
-   * own per checkout: each one costs more on Node 20 once an AsyncLocalStorage
-   * is active. The driver's signal comes from a free list (see
-   * `ScopeCore.signal`): making an AbortSignal per checkout was the costliest
-   * step of a request on Node 20.
+   * after that goes straight back, never leaked. When `onConn` is called the
+   * connection is the session's (phase, deadlines, stats); whoever joined the
+   * checkout meanwhile learns the outcome after the party that started it.
+   * Callbacks, not a promise of its own: each promise costs more on Node 20
+   * once an AsyncLocalStorage is active. The driver's signal comes from a free
+   * list (see `ScopeCore.signal`): making an AbortSignal per checkout was the
+   * costliest step of a request on Node 20.
    */
-  #acquire(started: number): Promise<C> {
+  #acquire(started: number, onConn: (conn: C) => void, onFail: (e: unknown) => void): void {
     const core = this.#core
     const frame = this.#frame
     const ac = core.signal()
     core.waiting++
-    return new Promise<C>((resolve, reject) => {
-      let done = false
-      const stop = () => {
-        done = true
-        deadline.cancel()
-        frame.removeAbortWaiter(onFrameAbort)
-        core.waiting--
-        this.#acquiring = undefined
+    let done = false
+    const stop = () => {
+      done = true
+      deadline.cancel()
+      frame.removeAbortWaiter(onFrameAbort)
+      core.waiting--
+    }
+    const fail = (reason: unknown) => {
+      if (this.#phase === 'acquiring') this.#to('acquireFailed')
+      const join = this.#joinReject
+      this.#unjoin()
+      onFail(reason)
+      join?.(reason)
+    }
+    const giveUp = (reason: unknown) => {
+      if (done) return
+      stop()
+      ac.abort(reason)
+      fail(reason)
+    }
+    const deadline = core.deadlines.acquire.add(started, () => {
+      core.timeouts++
+      const err = core.poolTimeout(this.name)
+      if (channels.timeout.hasSubscribers) {
+        const waitMs = performance.now() - started
+        channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
       }
-      const fail = (reason: unknown) => {
-        if (this.#phase === 'acquiring') this.#to('acquireFailed')
-        reject(reason)
-      }
-      const giveUp = (reason: unknown) => {
-        if (done) return
-        stop()
-        ac.abort(reason)
-        fail(reason)
-      }
-      const deadline = core.deadlines.acquire.add(started, () => {
-        core.timeouts++
-        const err = core.poolTimeout(this.name)
-        if (channels.timeout.hasSubscribers) {
-          const waitMs = performance.now() - started
-          channels.timeout.publish({ scope: core.name, session: this, error: err, waitMs })
+      giveUp(err)
+    })
+    const onFrameAbort = () => giveUp(frame.aborted)
+    frame.addAbortWaiter(onFrameAbort)
+    let pending: Promise<C>
+    try {
+      pending = core.driver.acquire(ac.signal)
+    } catch (e) {
+      stop()
+      core.recycle(ac)
+      fail(e)
+      return
+    }
+    pending.then(
+      (conn) => {
+        if (done) {
+          // The driver delivered after we gave up: straight back, never leaked.
+          core.giveBack(conn)
+          return
         }
-        giveUp(err)
-      })
-      const onFrameAbort = () => giveUp(frame.aborted)
-      frame.addAbortWaiter(onFrameAbort)
-      let pending: Promise<C>
-      try {
-        pending = core.driver.acquire(ac.signal)
-      } catch (e) {
+        stop()
+        core.recycle(ac)
+        if (this.#phase !== 'acquiring') {
+          // The session was closed while we waited (close() of an untracked connection() call).
+          core.giveBack(conn)
+          fail(this.#closedError('connection()'))
+          return
+        }
+        try {
+          this.#acquired(conn, started)
+        } catch (e) {
+          fail(e)
+          return
+        }
+        const join = this.#joinResolve
+        this.#unjoin()
+        try {
+          onConn(conn)
+        } finally {
+          join?.(conn)
+        }
+      },
+      (e) => {
+        if (done) return
         stop()
         core.recycle(ac)
         fail(e)
-        return
-      }
-      pending.then(
-        (conn) => {
-          if (done) {
-            // The driver delivered after we gave up: straight back, never leaked.
-            core.giveBack(conn)
-            return
-          }
-          stop()
-          core.recycle(ac)
-          if (this.#phase !== 'acquiring') {
-            // The session was closed while we waited (close() of an untracked connection() call).
-            core.giveBack(conn)
-            reject(this.#closedError('connection()'))
-            return
-          }
-          try {
-            this.#acquired(conn, started)
-          } catch (e) {
-            reject(e)
-            return
-          }
-          resolve(conn)
-        },
-        (e) => {
-          if (done) return
-          stop()
-          core.recycle(ac)
-          fail(e)
-        },
-      )
-    })
+      },
+    )
+  }
+
+  #unjoin(): void {
+    this.#acquiring = undefined
+    this.#joinResolve = this.#joinReject = undefined
   }
 
   /** The connection is ours: hold it, arm the leak and hold deadlines, count it. */

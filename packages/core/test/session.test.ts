@@ -624,7 +624,8 @@ describe('shutdown', () => {
         await q(scope, driver, 'B')
       })
       .catch((e: unknown) => e)
-    await new Promise((r) => setTimeout(r, 5))
+    // The job holds its connection (statement A done) before the shutdown starts, however loaded the machine.
+    await vi.waitFor(() => expect(driver.checkedOut).toBe(1), { interval: 1 })
     await scope.close({ timeoutMs: 10 })
     expect(driver.releases).toEqual([{ id: 1, destroy: true, busy: 0, status: 'T', marked: false }])
     expect(driver.ended).toBe(true)
