@@ -30,8 +30,37 @@ export interface ScopedPool {
 /**
  * Statements of one session go to its connection one after another: node-postgres
  * deprecates queueing a query while another runs, and ordering must stay the caller's.
+ * Per client: absent when nothing of ours runs on it, `busy` while one statement runs,
+ * or the statements waiting behind the running one, in order.
  */
-const tails = new WeakMap<pg.PoolClient, Promise<unknown>>()
+const queues = new WeakMap<pg.PoolClient, typeof busy | (() => void)[]>()
+const busy = 0
+
+function isPipelined(client: pg.PoolClient): boolean {
+  return (client as { pipeline?: boolean }).pipeline === true
+}
+
+/** Run `start` now if nothing of ours runs on `client`, else after what is queued. */
+function inTurn(client: pg.PoolClient, start: () => void): void {
+  const q = queues.get(client)
+  if (q === undefined) {
+    queues.set(client, busy)
+    start()
+  } else if (q === busy) queues.set(client, [start])
+  else q.push(start)
+}
+
+/** The running statement ended: start the next one, or mark the client free. */
+function turnEnded(client: pg.PoolClient): void {
+  const q = queues.get(client)
+  if (q === undefined || q === busy) {
+    queues.delete(client)
+    return
+  }
+  const next = q.shift()!
+  if (q.length === 0) queues.set(client, busy)
+  next()
+}
 
 /**
  * Run `fn` on `client` after every statement already queued on it by this library.
@@ -39,24 +68,84 @@ const tails = new WeakMap<pg.PoolClient, Promise<unknown>>()
  * in order, and sends them without waiting for the previous result: `fn` runs at once.
  */
 export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<T> {
-  if ((client as { pipeline?: boolean }).pipeline === true) return fn()
-  const tail = tails.get(client)
-  const run = tail ? tail.then(fn, fn) : fn()
-  // One promise marks the end of this statement and forgets the tail if nothing queued behind it.
-  const settled: Promise<void> = run.then(forget, forget)
-  function forget(): void {
-    if (tails.get(client) === settled) tails.delete(client)
+  if (isPipelined(client)) return fn()
+  if (queues.get(client) === undefined) {
+    // Nothing queued: run now; the statement's end frees the client for the next one.
+    queues.set(client, busy)
+    let run: Promise<T>
+    try {
+      run = fn()
+    } catch (e) {
+      turnEnded(client)
+      throw e
+    }
+    const ended = () => turnEnded(client)
+    run.then(ended, ended)
+    return run
   }
-  tails.set(client, settled)
-  return run
+  return new Promise<T>((resolve, reject) => {
+    inTurn(client, () => {
+      let run: Promise<T>
+      try {
+        run = fn()
+      } catch (e) {
+        turnEnded(client)
+        reject(e)
+        return
+      }
+      run.then(
+        (v) => {
+          turnEnded(client)
+          resolve(v)
+        },
+        (e: unknown) => {
+          turnEnded(client)
+          reject(e)
+        },
+      )
+    })
+  })
+}
+
+/**
+ * `client.query(text, values)` in its turn (see `serial`), through pg's callback
+ * form: one promise per statement, where the promise form and a reaction to free
+ * the client make three (each one costs an AsyncLocalStorage hook's fields on Node 20).
+ */
+function queryInTurn(
+  client: pg.PoolClient,
+  text: string | pg.QueryConfig,
+  values: unknown[] | undefined,
+): Promise<pg.QueryResult> {
+  if (isPipelined(client)) return client.query(text as string, values)
+  return new Promise((resolve, reject) => {
+    inTurn(client, () => {
+      try {
+        client.query(
+          text as string,
+          values as unknown[],
+          (err: Error | undefined, result: pg.QueryResult) => {
+            turnEnded(client)
+            if (err) reject(err)
+            else resolve(result)
+          },
+        )
+      } catch (e) {
+        turnEnded(client)
+        reject(e)
+      }
+    })
+  })
 }
 
 function isQueryText(text: unknown): boolean {
   if (typeof text === 'string') return true
   if (typeof text !== 'object' || text === null) return false
-  const t = text as { text?: unknown; submit?: unknown }
-  // A QueryConfig has a text; a Submittable (pg-cursor, pg-query-stream) brings its own.
-  return typeof t.text === 'string' || typeof t.submit === 'function'
+  return typeof (text as { text?: unknown }).text === 'string'
+}
+
+function isSubmittable(text: unknown): boolean {
+  return typeof (text as { submit?: unknown } | null)?.submit === 'function'
 }
 
 /**
@@ -120,6 +209,17 @@ export function scopedPool(
         )
       }
       // Checked before the session checks a connection out: pg would only fail after it.
+      if (isSubmittable(text)) {
+        // Its end is an event of its own, not a promise: the session could not tell when the
+        // statement is over, so neither release nor ordering could be kept.
+        return Promise.reject(
+          new TypeError(
+            'scopedPool.query(submittable): pg-cursor and pg-query-stream objects are not supported by scopedPool. ' +
+              'Fix: read them inside getSession().use(async (client) => { const cursor = client.query(new Cursor(sql)); ' +
+              '/* read */; await cursor.close() }), which keeps the connection until fn returns.',
+          ),
+        )
+      }
       if (!isQueryText(text)) {
         return Promise.reject(
           new TypeError(
@@ -135,7 +235,7 @@ export function scopedPool(
         if (outsideScope === 'pool') return options.pool!.query(text, values)
         return Promise.reject(new NoActiveScopeError(scope.name, 'scopedPool.query()'))
       }
-      return session.use((client) => serial(client, () => client.query(text, values)))
+      return session.use((client) => queryInTurn(client, text, values))
     },
   }) as ScopedPool
 }

@@ -5,7 +5,7 @@
  * it is an error that says how to fix it, or (opted in) plain pool.query().
  */
 import { createScope, NoActiveScopeError, SessionClosedError } from '@scoped/core'
-import { pgDriver, scopedPool } from '@scoped/pg'
+import { pgDriver, scopedPool, serial } from '@scoped/pg'
 import pg from 'pg'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
@@ -66,6 +66,59 @@ describe('scopedPool.query()', () => {
       )
     })
     expect(await committed()).toEqual(['a', 'b', 'c', 'd'])
+  })
+
+  it('sends statements issued at once one at a time, in call order, sharing the turn with serial()', async () => {
+    // pg deprecates calling client.query() while the client runs a query (removed in pg@9):
+    // count the statements on the wire at once.
+    let onWire = 0
+    let most = 0
+    await scope.run(
+      async () => {
+        const pool = db()
+        await pool.query('SELECT 1') // the connection is held from here on
+        const client = await scope.getSession().connection()
+        const query = client.query
+        const ended = () => void onWire--
+        ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+          most = Math.max(most, ++onWire)
+          const callback = typeof args.at(-1) === 'function' ? args.pop() : undefined
+          if (callback) {
+            return (query as any).call(this, ...args, (e: unknown, r: unknown) => {
+              ended()
+              callback(e, r)
+            })
+          }
+          const sent = (query as any).apply(this, args) as Promise<unknown>
+          sent.then(ended, ended)
+          return sent
+        }
+        try {
+          await Promise.all([
+            pool.query("INSERT INTO items (v) SELECT 'slow' FROM pg_sleep(0.05)"),
+            pool.query("INSERT INTO items (v) VALUES ('fast 1')"),
+            serial(client, () => client.query("INSERT INTO items (v) VALUES ('serial')")),
+            pool.query("INSERT INTO items (v) VALUES ('fast 2')"),
+          ])
+        } finally {
+          ;(client as any).query = query
+        }
+      },
+      { transaction: 'none' },
+    )
+    expect(await committed()).toEqual(['slow', 'fast 1', 'serial', 'fast 2'])
+    expect(most).toBe(1)
+    await settled()
+  })
+
+  it('refuses pg-cursor / pg-query-stream objects before checking out, saying what to use instead', async () => {
+    const acquired = scope.stats().totals.acquired
+    const cursorLike = { submit() {}, text: 'SELECT 1' }
+    const err = await scope.run(() => db().query(cursorLike as any)).catch((e: unknown) => e)
+    expect(err).toBeInstanceOf(TypeError)
+    expect((err as Error).message).toContain('pg-cursor and pg-query-stream')
+    expect((err as Error).message).toContain('getSession().use(')
+    expect(scope.stats().totals.acquired).toBe(acquired)
   })
 
   it('rolls every row of the scope back when it throws', async () => {
