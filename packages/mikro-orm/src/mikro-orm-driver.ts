@@ -50,22 +50,36 @@ interface Pinned {
   session: SessionInfo | undefined
 }
 
+function closedError(session: SessionInfo | undefined): SessionClosedError {
+  return new SessionClosedError(
+    session ?? { id: '-', name: 'unknown' },
+    'a query through its EntityManager',
+    'it was closed when its request or job ended, and its EntityManager with it',
+    undefined,
+  )
+}
+
 /**
  * The transaction context a released fork keeps: any query or flush through it
  * reads a property of it first (knex's `transacting()`, MikroORM's
  * `transactional()`), and gets SessionClosedError instead of running outside
  * any session on another pool connection.
  */
-function closedContext(session: SessionInfo | undefined): Transaction {
-  const fail = () => {
-    throw new SessionClosedError(
-      session ?? { id: '-', name: 'unknown' },
-      'a query through its EntityManager',
-      'it was closed when its request or job ended, and its EntityManager with it',
-      undefined,
-    )
-  }
-  return new Proxy(Object.create(null), { get: fail, has: fail, set: fail })
+const closedTraps: ProxyHandler<{ session: SessionInfo | undefined }> = {
+  get: (t) => {
+    throw closedError(t.session)
+  },
+  has: (t) => {
+    throw closedError(t.session)
+  },
+  set: (t) => {
+    throw closedError(t.session)
+  },
+}
+
+/** The connection a released fork's driver keeps (em.getConnection(), em.getKnex()): its knex throws. */
+function closedGetKnex(this: { closedSession: SessionInfo | undefined }): never {
+  throw closedError(this.closedSession)
 }
 
 const pinned = new WeakMap<EntityManager, Pinned>()
@@ -225,11 +239,12 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
   // only this connection and never returns it to the pool. A session's fork is made over it, so
   // what runs outside a transaction context — every statement in 'none' mode, em.flush()'s and
   // em.transactional()'s own BEGIN…COMMIT — runs on the session's connection, as in MikroORM's
-  // RequestContext it would on a pool connection.
-  const boundDrivers = new WeakMap<RawConnection, EntityManager['driver']>()
-  const driverOn = (connection: RawConnection): EntityManager['driver'] => {
-    let bound = boundDrivers.get(connection)
-    if (bound === undefined) {
+  // RequestContext it would on a pool connection. Kept with it: the global EntityManager seen
+  // over that driver, which sessions fork from (made once, not per session).
+  const bound = new WeakMap<RawConnection, EntityManager>()
+  const globalOn = (connection: RawConnection): EntityManager => {
+    let global = bound.get(connection)
+    if (global === undefined) {
       const shared = orm.em.getDriver()
       const knex = knexOf(orm)
       const client: KnexClient = Object.create(knex.client)
@@ -237,16 +252,16 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       client.releaseConnection = () => Promise.resolve()
       const own = knex.withUserParams(knex.userParams)
       own.client = client
-      const conn = Object.create(shared.getConnection('write'), {
-        client: { value: own, writable: true },
-      })
-      bound = Object.create(shared, {
-        connection: { value: conn },
-        replicas: { value: [] },
-      }) as EntityManager['driver']
-      boundDrivers.set(connection, bound)
+      const conn = Object.create(shared.getConnection('write'))
+      conn.client = own
+      const driver = Object.create(shared)
+      driver.connection = conn
+      driver.replicas = []
+      global = Object.create(orm.em) as EntityManager
+      ;(global as unknown as { driver: unknown }).driver = driver
+      bound.set(connection, global)
     }
-    return bound
+    return global
   }
 
   const driver: Driver<EntityManager> = {
@@ -255,9 +270,12 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       const connection = await knexOf(orm).client.acquireConnection()
       // A fork of the EntityManager in context (the global one, or a RequestContext's), as
       // em.fork() makes it, but over the driver bound to this connection.
-      const from = Object.create(orm.em.getContext(false), {
-        driver: { value: driverOn(connection) },
-      }) as EntityManager
+      const global = globalOn(connection)
+      const context = orm.em.getContext(false)
+      const from =
+        context === orm.em
+          ? global
+          : (Object.create(context, { driver: { value: global.getDriver() } }) as EntityManager)
       const em = from.fork({
         clear: true,
         useContext: false,
@@ -272,7 +290,16 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       // A transaction still open here (a failed COMMIT/ROLLBACK) leaves the connection in an unknown state.
       const open = em.getTransactionContext() !== undefined
       em.clear()
-      em.setTransactionContext(closedContext(p.session))
+      em.setTransactionContext(new Proxy({ session: p.session }, closedTraps) as Transaction)
+      // Its driver (bound to this connection, which goes back to the pool) is swapped for one
+      // whose knex throws: statements sent past the EntityManager's transaction context
+      // (em.getConnection().execute(), em.getKnex()) must not run on the connection's next holder.
+      const closed = Object.create(orm.em.getDriver())
+      closed.connection = Object.create(orm.em.getDriver().getConnection('write'))
+      closed.connection.closedSession = p.session
+      closed.connection.getKnex = closedGetKnex
+      closed.replicas = []
+      ;(em as unknown as { driver: unknown }).driver = closed
       if (destroy || open || p.connection.__knex__disposed) {
         // knex has no call to destroy one checked-out connection: it drops a connection marked
         // __knex__disposed (its own mark for a broken one) when it validates it at the next

@@ -121,6 +121,28 @@ describe('the unit of work', () => {
   })
 })
 
+describe("inside MikroORM's RequestContext", () => {
+  it("the session's EntityManager is a fork of the context's, on the session's connection", async () => {
+    const { RequestContext } = await import('@mikro-orm/core')
+    const outer = orm.em.fork()
+    outer.setFilterParams('mark', { v: 'context-param' })
+    await RequestContext.create(outer, () =>
+      scope.run(async () => {
+        const em = await currentEntityManager(scope)
+        expect(em).not.toBe(outer)
+        // Forked from the context's EntityManager: its filter parameters came along.
+        expect(em.getFilterParams('mark')).toEqual({ v: 'context-param' })
+        em.persist(em.create(NoteSchema, { v: 'in-request-context' }))
+        const [{ pid }] = await em.execute('SELECT pg_backend_pid() AS pid')
+        const [{ pid: again }] = await em.execute('SELECT pg_backend_pid() AS pid')
+        expect(again).toBe(pid)
+      }),
+    )
+    expect(await values()).toEqual(['in-request-context'])
+    await expectPoolIdle()
+  })
+})
+
 describe('misuse fails loudly', () => {
   it('an EntityManager kept past its request throws instead of writing outside any session', async () => {
     let kept: EntityManager | undefined
@@ -133,6 +155,9 @@ describe('misuse fails loudly', () => {
     const closed = { code: 'SESSION_CLOSED', message: expect.stringMatching(/which is closed/) }
     await expect(kept!.persistAndFlush(late)).rejects.toMatchObject(closed)
     await expect(kept!.find(NoteSchema, {})).rejects.toMatchObject(closed)
+    // Past the transaction context, on the connection the fork was bound to (now back in the pool).
+    await expect(kept!.getConnection().execute('SELECT 1')).rejects.toMatchObject(closed)
+    expect(() => kept!.getKnex()).toThrow(/which is closed/)
     expect(await values()).toEqual(['in-time'])
     await expectPoolIdle()
   })
