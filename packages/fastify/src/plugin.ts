@@ -17,7 +17,7 @@ import type {
 } from 'fastify'
 import fp from 'fastify-plugin'
 import { type ResolvedOptions, resolveOptions, type ScopedSessionOptions } from './options.js'
-import { RequestScope } from './request-scope.js'
+import { RequestScope, watchTimeout } from './request-scope.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -146,6 +146,7 @@ function scopedSessionPlugin(
       return
     }
     ;(request as unknown as Record<symbol, RequestScope>)[kScope] = state
+    watchTimeout(request.raw.socket)
     if (mayHaveBody(request)) bindRequestEvents(request, state.open)
     state.open.enter(next)
   })
@@ -187,11 +188,6 @@ function scopedSessionPlugin(
         'Fix: await app.register(scopedSession, ...) before declaring routes.',
     )
   }
-
-  fastify.addHook('onTimeout', (request: FastifyRequest, _reply: FastifyReply, next) => {
-    scopeOf(request)?.timedOut()
-    next()
-  })
 
   done()
 }

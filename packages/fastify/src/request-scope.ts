@@ -52,8 +52,6 @@ export class RequestScope {
   #deferred = false
   /** 'close' fired on the raw response. */
   #closed = false
-  /** A connection timeout fired (Fastify's onTimeout): an abort is a timeout, not the client. */
-  #timedOut = false
   /** The unit of work is ending; resolves to the commit failure, if any. */
   #ending: Promise<unknown> | undefined
   #commitFailed = false
@@ -74,11 +72,6 @@ export class RequestScope {
       value:
         error ?? new Error(`${String(error)} was thrown (a non-Error value) in ${this.open.name}`),
     }
-  }
-
-  /** onTimeout: the socket timed out (connectionTimeout); the coming 'close' is a timeout. */
-  timedOut(): void {
-    this.#timedOut = true
   }
 
   handlerStarted(): void {
@@ -272,7 +265,7 @@ export class RequestScope {
     if (!res.writableEnded) {
       // The response was not ended: the client went away, or a timeout cut it off. (Ended
       // but not flushed means the app finished its response; that is not an abort.)
-      const timeout = this.#timedOut || isRequestTimeout(this.#reply)
+      const timeout = (res as TimedOut)[kTimedOut] === true || isRequestTimeout(this.#reply)
       this.open.abort(timeout ? 'timeout' : 'client-abort', {
         cancel: this.#options.cancelOnAbort,
         ...(timeout && { detail: 'the server timed the connection out' }),
@@ -395,6 +388,35 @@ function isResponse(payload: unknown): payload is Response {
     typeof payload === 'object' &&
     objectTag.call(payload) === '[object Response]'
   )
+}
+
+/** Set on a response whose socket timed out (connectionTimeout) while it was the one in flight. */
+const kTimedOut = Symbol('scoped.timedOut')
+/** Set on a socket once it is watched for timeouts. */
+const kWatched = Symbol('scoped.watched')
+
+type TimedOut = { [kTimedOut]?: true }
+
+/**
+ * Watch the request's socket for a connection timeout (once per socket), so the
+ * coming 'close' is reported as a timeout, not a client abort. One listener per
+ * connection instead of Fastify's onTimeout hook, which costs an object per request.
+ * Node destroys the socket in its own earlier 'timeout' listener; this one only marks
+ * the response in flight.
+ */
+export function watchTimeout(socket: unknown): void {
+  const s = socket as {
+    [kWatched]?: true
+    on?: (event: 'timeout', fn: () => void) => unknown
+  } | null
+  if (!s || s[kWatched] === true || typeof s.on !== 'function') return
+  s[kWatched] = true
+  s.on('timeout', onSocketTimeout)
+}
+
+function onSocketTimeout(this: { _httpMessage?: unknown }): void {
+  const res = this._httpMessage as TimedOut | null | undefined
+  if (res) res[kTimedOut] = true
 }
 
 /** Node's `requestTimeout` ends the socket with ERR_HTTP_REQUEST_TIMEOUT (Fastify answers 408). */
