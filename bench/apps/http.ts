@@ -45,6 +45,8 @@ type Middleware =
   | { kind: 'scoped'; scope: Scope<any> }
   /** Hono only: `scopedFetch(app, scope)` around the fetch handler instead of a middleware. */
   | { kind: 'scoped-fetch'; scope: Scope<any> }
+  /** Hono only: a bare `als.run()` around the fetch handler, the floor of any fetch wrapper. */
+  | { kind: 'als-fetch' }
   | { kind: 'mikro'; create: (next: () => any) => any }
 
 interface App {
@@ -146,6 +148,9 @@ async function makeApp(variant: string): Promise<App> {
         }),
       }
     }
+    case 'als-fetch':
+      if (config.framework !== 'hono') throw new Error("variant 'als-fetch' is Hono's only")
+      return { middleware: { kind: 'als-fetch' } }
     case 'scoped-fetch': {
       if (config.framework !== 'hono') throw new Error("variant 'scoped-fetch' is Hono's only")
       const app = await makeApp('scoped')
@@ -391,6 +396,10 @@ async function listenHono(app: App): Promise<number> {
   if (mw.kind === 'scoped-fetch') {
     const { scopedFetch } = await import('@scoped/hono')
     fetch = scopedFetch(hono, mw.scope)
+  }
+  if (mw.kind === 'als-fetch') {
+    const inner = hono.fetch
+    fetch = (request, env) => als.run({ request }, inner, request, env)
   }
   return new Promise((resolve) => {
     serve({ fetch, port: 0, hostname: '127.0.0.1' }, (info) => resolve(info.port))

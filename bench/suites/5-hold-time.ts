@@ -32,7 +32,8 @@ export function holdTime(
       '| framework | Node | requests served | connections acquired | pool.totalCount |',
       '|---|---|---:|---:|---:|',
       ...holdsNothing.map(
-        (h) => `| ${h.framework} | ${h.node} | ${h.requests} | ${h.acquired} | ${h.poolTotal} |`,
+        (h) =>
+          `| ${h.framework}${h.variant === 'scoped' ? '' : ` (${h.variant})`} | ${h.node} | ${h.requests} | ${h.acquired} | ${h.poolTotal} |`,
       ),
       '',
     )
