@@ -50,8 +50,18 @@ interface TxFrame {
   savepoint: string | undefined
   /** Opened by `transaction(fn)` (its end is fn's end), not by the unit of work. */
   explicit: boolean
+  /** `noHooks` until a hook is registered (most units of work register none). */
   afterCommit: Hook[]
   afterRollback: Hook[]
+}
+
+/** Shared by every frame without hooks; frozen, so a push to it would fail loudly. */
+const noHooks: Hook[] = Object.freeze([]) as unknown as Hook[]
+
+function addHooks(frame: TxFrame, kind: 'afterCommit' | 'afterRollback', hooks: Hook[]): void {
+  if (hooks.length === 0) return
+  if (frame[kind] === noHooks) frame[kind] = [...hooks]
+  else frame[kind].push(...hooks)
 }
 
 let nextId = 0
@@ -581,7 +591,7 @@ export class Session<C = unknown> {
       this.#pipelineBegin(conn)
       return conn
     }
-    return this.#begin({}, false).then(() => this.#conn as C)
+    return this.#begin({}, false, () => this.#conn as C)
   }
 
   /**
@@ -793,8 +803,11 @@ export class Session<C = unknown> {
     }
   }
 
-  /** BEGIN through the driver; the driver's promise itself, with the failure handled on it. */
-  #begin(opts: TxOptions, explicit: boolean): Promise<void> {
+  /**
+   * BEGIN through the driver: the driver's promise with the failure handled on it,
+   * and `then` (if given) in the same reaction.
+   */
+  #begin<R = void>(opts: TxOptions, explicit: boolean, then?: () => R): Promise<R> {
     const driver = this.#core.driver
     if (!driver.begin) {
       return Promise.reject(
@@ -807,8 +820,8 @@ export class Session<C = unknown> {
     const frame: TxFrame = {
       savepoint: undefined,
       explicit,
-      afterCommit: this.#pending?.afterCommit ?? [],
-      afterRollback: this.#pending?.afterRollback ?? [],
+      afterCommit: this.#pending?.afterCommit ?? noHooks,
+      afterRollback: this.#pending?.afterRollback ?? noHooks,
     }
     this.#pending = undefined
     // Pushed before BEGIN resolves, so concurrent first statements see the transaction.
@@ -826,7 +839,7 @@ export class Session<C = unknown> {
     } catch (e) {
       began = Promise.reject(e)
     }
-    return began.then(undefined, failed)
+    return began.then(then as () => R, failed)
   }
 
   async #outermost<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
@@ -840,7 +853,7 @@ export class Session<C = unknown> {
         return this.#nested(fn, opts)
       }
       const conn = this.#conn as C
-      await this.#setReady(this.#begin(opts, true).then(() => conn))
+      await this.#setReady(this.#begin(opts, true, () => conn))
       let result: T
       try {
         result = await fn()
@@ -883,7 +896,12 @@ export class Session<C = unknown> {
     const conn = await (this.#ready ?? this.#prepare())
     if (this.#began) await this.#beganOrThrow()
     const name = `scoped_sp_${++this.#savepoints}`
-    const frame: TxFrame = { savepoint: name, explicit: true, afterCommit: [], afterRollback: [] }
+    const frame: TxFrame = {
+      savepoint: name,
+      explicit: true,
+      afterCommit: noHooks,
+      afterRollback: noHooks,
+    }
     await driver.savepoint(conn, name)
     this.#tx.push(frame)
     let result: T
@@ -904,8 +922,8 @@ export class Session<C = unknown> {
     this.#popFrame(frame)
     await driver.releaseSavepoint(conn, name)
     const parent = this.#tx[this.#tx.length - 1] ?? root!
-    parent.afterCommit.push(...frame.afterCommit)
-    parent.afterRollback.push(...frame.afterRollback)
+    addHooks(parent, 'afterCommit', frame.afterCommit)
+    addHooks(parent, 'afterRollback', frame.afterRollback)
     return result
   }
 
@@ -923,20 +941,27 @@ export class Session<C = unknown> {
   }
 
   /**
-   * COMMIT or ROLLBACK the real transaction, then run its hooks. The usual COMMIT
-   * (no pipelined BEGIN pending, a sound connection) is one promise: this is the
-   * end of every unit of work.
+   * COMMIT or ROLLBACK the real transaction, then run its hooks, then `then` (with
+   * the failure, if any: close() releases in the same reaction). The usual COMMIT
+   * (no pipelined BEGIN pending, a sound connection, no hooks) is one promise: this
+   * is the end of every unit of work.
    */
-  #endTransaction(commit: boolean, cause?: unknown): Promise<void> {
-    if (this.#began) return this.#endAfterBegan(commit, cause)
+  #endTransaction(commit: boolean, cause?: unknown): Promise<void>
+  #endTransaction<R>(commit: boolean, cause: unknown, then: (failure: unknown) => R): Promise<R>
+  #endTransaction<R>(
+    commit: boolean,
+    cause?: unknown,
+    then?: (failure: unknown) => R,
+  ): Promise<R | void> {
+    if (this.#began) return andThen(this.#endAfterBegan(commit, cause), then)
     const root = this.#tx[0]
     const conn = this.#conn
-    if (!root || conn === undefined) return this.#endEmptyTransaction(commit)
+    if (!root || conn === undefined) return andThen(this.#endEmptyTransaction(commit), then)
     this.#tx.length = 0
     this.#ready = undefined
     this.#rollbackOnly = false
-    if (!commit) return this.#rollBackUnit(conn, root, cause)
-    if (this.#broken !== undefined) return this.#commitRefused(conn, root)
+    if (!commit) return andThen(this.#rollBackUnit(conn, root, cause), then)
+    if (this.#broken !== undefined) return andThen(this.#commitRefused(conn, root), then)
     let committing: Promise<void>
     try {
       committing = Promise.resolve(this.#core.driver.commit!(conn))
@@ -948,9 +973,12 @@ export class Session<C = unknown> {
         this.#core.committed++
         if (channels.commit.hasSubscribers)
           channels.commit.publish({ scope: this.#core.name, session: this })
-        if (root.afterCommit.length > 0) return this.#runHooks(root.afterCommit, 'afterCommit')
+        if (root.afterCommit.length > 0) {
+          return andThen(this.#runHooks(root.afterCommit, 'afterCommit'), then)
+        }
+        return then?.(undefined)
       },
-      (e: unknown) => this.#commitFailed(conn, root, e),
+      (e: unknown) => andThen(this.#commitFailed(conn, root, e), then),
     )
   }
 
@@ -1055,24 +1083,16 @@ export class Session<C = unknown> {
     if (this.#phase === 'closed') return Promise.resolve(this.#outcome!) // force-released while we waited
     const conn = this.#conn
     const wantCommit = this.#startClose(commit)
+    const finish = (failure: unknown) => this.#finishClose(conn, wantCommit, failure)
     // A pipelined BEGIN still counts while its outcome is unknown (or failed unseen).
-    const ending =
-      this.#tx.length > 0 || this.#began
-        ? this.#endTransaction(wantCommit)
-        : this.#pending
-          ? this.#endEmptyUnit(wantCommit)
-          : undefined
-    if (ending === undefined) {
-      try {
-        return Promise.resolve(this.#finishClose(conn, wantCommit, undefined))
-      } catch (e) {
-        return Promise.reject(e)
-      }
+    if (this.#tx.length > 0 || this.#began)
+      return this.#endTransaction(wantCommit, undefined, finish)
+    if (this.#pending) return andThen(this.#endEmptyUnit(wantCommit), finish)
+    try {
+      return Promise.resolve(finish(undefined))
+    } catch (e) {
+      return Promise.reject(e)
     }
-    return ending.then(
-      () => this.#finishClose(conn, wantCommit, undefined),
-      (e: unknown) => this.#finishClose(conn, wantCommit, e),
-    )
   }
 
   /** Into 'closing': whether the unit of work is to commit. */
@@ -1192,15 +1212,15 @@ export class Session<C = unknown> {
     if (err) throw err
     const top = this.#tx[this.#tx.length - 1]
     if (top) {
-      top[kind].push(fn)
+      addHooks(top, kind, [fn])
     } else if (this.#mode === 'auto') {
       this.#pending ??= {
         savepoint: undefined,
         explicit: false,
-        afterCommit: [],
-        afterRollback: [],
+        afterCommit: noHooks,
+        afterRollback: noHooks,
       }
-      this.#pending[kind].push(fn)
+      addHooks(this.#pending, kind, [fn])
     } else if (kind === 'afterCommit') {
       // Autocommit: nothing is pending, so "after commit" is now (as Django's on_commit).
       void this.#runHooks([fn], kind)
@@ -1232,6 +1252,19 @@ export class Session<C = unknown> {
       : ['First statement at', this.#firstSite]
     return new SessionClosedError(this, call, how, site && { label, stack: userFrames(site.stack) })
   }
+}
+
+/** `p`, then `then` with its failure (or undefined) when given; `p` itself when not. */
+function andThen<R>(p: Promise<void>, then: (failure: unknown) => R): Promise<R>
+function andThen<R>(
+  p: Promise<void>,
+  then: ((failure: unknown) => R) | undefined,
+): Promise<R | void>
+function andThen<R>(
+  p: Promise<void>,
+  then: ((failure: unknown) => R) | undefined,
+): Promise<R | void> {
+  return then ? p.then(() => then(undefined), then) : p
 }
 
 function sleep(ms: number): Promise<void> {
