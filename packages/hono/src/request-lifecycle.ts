@@ -1,7 +1,8 @@
 /**
- * One request's unit of work, from the middleware's `next()` to the last byte:
- * who may abort it, when it ends, and the backstop that ends it when nothing
- * else did.
+ * One request's unit of work, from the middleware's `next()` (or the call of
+ * `app.fetch` in `scopedFetch()`) to the last byte: who may abort it, when it
+ * ends, and the backstop that ends it when nothing else did. "The chain" is
+ * what runs inside the scope: the rest of Hono's chain, or the whole app.
  *
  *   chain running ──next() settled──▶ chain done ──end()──▶ ended
  *        │                               │  (live body: end() when the body ends)
