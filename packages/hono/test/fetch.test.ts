@@ -345,6 +345,30 @@ describe('the synchronous path', () => {
     expect(d.scope.stats().open).toBe(open)
   })
 
+  it('a synchronous handler that throws an Error answered with a 4xx, behind middleware or not: rolled back', async () => {
+    const app = new Hono()
+    app.use('/behind/*', async (_c, next) => next())
+    const handler = (c: { req: { param(k: string): string } }) => {
+      const id = c.req.param('id')
+      getSessionOf(d).use((client) => client.query('INSERT INTO items (id) VALUES ($1)', [id]))
+      throw new Error('refused')
+    }
+    app.post('/alone/:id', handler)
+    app.post('/behind/:id', handler)
+    app.onError((_e, c) => c.text('refused', 422))
+    const s = await serveFetch(scopedFetch(app, d.scope))
+    try {
+      for (const path of ['alone/sync-thrown-a', 'behind/sync-thrown-b']) {
+        const res = await fetch(`${s.url}/${path}`, { method: 'POST' })
+        expect(res.status).toBe(422)
+      }
+      await settled(d)
+      expect(await rowIds(d.url, "SELECT id FROM items WHERE id LIKE 'sync-thrown-%'")).toEqual([])
+    } finally {
+      await s.close()
+    }
+  })
+
   it('a synchronous handler that queries later (a session made, a statement run) still commits before the response', async () => {
     const app = new Hono()
     app.get('/sync-session/:id', (c) => {
