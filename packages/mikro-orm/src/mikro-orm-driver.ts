@@ -42,8 +42,17 @@ interface KnexClient {
 /** A knex transaction (a knex instance bound to one connection, with its own commit/rollback). */
 type Transaction = object & { isCompleted?(): boolean }
 
+/** Per pooled connection, what the driver keeps with it from one session to the next. */
+interface Line {
+  /** The global EntityManager over MikroORM's driver bound to this connection: sessions fork it. */
+  global: EntityManager
+  /** A BEGIN not sent yet: it goes out with the transaction's first statement. */
+  begin: string | undefined
+}
+
 interface Pinned {
   connection: RawConnection
+  line: Line
   /** Transaction contexts under the open savepoints, innermost last. */
   parents: Transaction[]
   /** The session, learnt at BEGIN, for the error a kept EntityManager throws. */
@@ -80,6 +89,68 @@ const closedTraps: ProxyHandler<{ session: SessionInfo | undefined }> = {
 /** The connection a released fork's driver keeps (em.getConnection(), em.getKnex()): its knex throws. */
 function closedGetKnex(this: { closedSession: SessionInfo | undefined }): never {
   throw closedError(this.closedSession)
+}
+
+type Results = { command?: string }[] | { command?: string }
+
+/** A multi-statement result without its first statement's (the BEGIN sent with it). */
+function withoutBegin(r: Results): Results {
+  if (!Array.isArray(r)) return r
+  return r.length === 2 ? r[1]! : r.slice(1)
+}
+
+/**
+ * Lets `line.begin` ride with the next statement on `connection` (the pg client
+ * knex hands out): a statement sent as one simple query (no bind values, as
+ * MikroORM sends its own, parameters inlined) goes as `BEGIN …; <statement>` in
+ * one round trip, its result returned without the BEGIN's; any other (bind
+ * values, a cursor or stream) gets BEGIN sent just before it on the same
+ * connection, which runs them in order. The transaction thus starts where it
+ * did, before the first statement, one round trip sooner.
+ */
+function sendBeginAhead(connection: RawConnection, line: Line): void {
+  type Query = (
+    this: RawConnection,
+    config: unknown,
+    values?: unknown,
+    callback?: unknown,
+  ) => unknown
+  const query = connection.query as Query
+  const sendAhead: Query = function (
+    this: RawConnection,
+    config: unknown,
+    values?: unknown,
+    callback?: unknown,
+  ) {
+    const begin = line.begin
+    if (begin === undefined) return query.call(this, config, values, callback)
+    line.begin = undefined
+    const done = typeof values === 'function' ? values : callback
+    const bound = typeof values === 'function' ? undefined : values
+    const c = config as { text?: unknown; values?: unknown[]; name?: unknown; submit?: unknown }
+    const text = typeof config === 'string' ? config : c?.text
+    const simple =
+      typeof text === 'string' &&
+      (typeof config === 'string' ||
+        (c.submit === undefined && c.name === undefined && !c.values?.length)) &&
+      (bound === undefined || (Array.isArray(bound) && bound.length === 0))
+    if (!simple) {
+      // BEGIN only fails with its connection; mark it so the session destroys it, never commits.
+      ;(query.call(this, begin) as Promise<unknown>).catch((e: unknown) => {
+        this.__knex__disposed ??= e
+      })
+      return query.call(this, config, values, callback)
+    }
+    const both =
+      typeof config === 'string' ? `${begin}; ${text}` : { ...c, text: `${begin}; ${text}` }
+    if (typeof done === 'function') {
+      return query.call(this, both, bound, (err: unknown, r: Results) =>
+        (done as (e: unknown, r: unknown) => void)(err, err ? r : withoutBegin(r)),
+      )
+    }
+    return (query.call(this, both, bound) as Promise<Results>).then(withoutBegin)
+  }
+  connection.query = sendAhead as RawConnection['query']
 }
 
 const pinned = new WeakMap<EntityManager, Pinned>()
@@ -221,11 +292,20 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
   const contexts = new WeakMap<RawConnection, Transaction>()
 
   /** Sends a transaction statement on the session's connection, logged as MikroORM logs its own. */
-  const send = async (em: EntityManager, p: Pinned, sql: string) => {
-    await p.connection.query(sql)
+  const log = (em: EntityManager, sql: string) => {
     if (orm.config.getLogger().isEnabled('query')) {
       ;(em.getConnection('write') as unknown as { logQuery(sql: string): void }).logQuery(sql)
     }
+  }
+
+  /** COMMIT or ROLLBACK on the session's connection; none when its BEGIN never went out. */
+  const end = async (em: EntityManager, p: Pinned, sql: 'COMMIT' | 'ROLLBACK') => {
+    if (p.line.begin !== undefined) {
+      p.line.begin = undefined
+      return
+    }
+    await p.connection.query(sql)
+    log(em, sql)
   }
 
   /** At COMMIT/ROLLBACK: a savepoint still open (a release that failed) would stall the next one's; start afresh. */
@@ -241,10 +321,10 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
   // em.transactional()'s own BEGIN…COMMIT — runs on the session's connection, as in MikroORM's
   // RequestContext it would on a pool connection. Kept with it: the global EntityManager seen
   // over that driver, which sessions fork from (made once, not per session).
-  const bound = new WeakMap<RawConnection, EntityManager>()
-  const globalOn = (connection: RawConnection): EntityManager => {
-    let global = bound.get(connection)
-    if (global === undefined) {
+  const lines = new WeakMap<RawConnection, Line>()
+  const lineOf = (connection: RawConnection): Line => {
+    let line = lines.get(connection)
+    if (line === undefined) {
       const shared = orm.em.getDriver()
       const knex = knexOf(orm)
       const client: KnexClient = Object.create(knex.client)
@@ -257,11 +337,13 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       const driver = Object.create(shared)
       driver.connection = conn
       driver.replicas = []
-      global = Object.create(orm.em) as EntityManager
+      const global = Object.create(orm.em) as EntityManager
       ;(global as unknown as { driver: unknown }).driver = driver
-      bound.set(connection, global)
+      line = { global, begin: undefined }
+      sendBeginAhead(connection, line)
+      lines.set(connection, line)
     }
-    return global
+    return line
   }
 
   const driver: Driver<EntityManager> = {
@@ -270,23 +352,27 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       const connection = await knexOf(orm).client.acquireConnection()
       // A fork of the EntityManager in context (the global one, or a RequestContext's), as
       // em.fork() makes it, but over the driver bound to this connection.
-      const global = globalOn(connection)
+      const line = lineOf(connection)
       const context = orm.em.getContext(false)
       const from =
         context === orm.em
-          ? global
-          : (Object.create(context, { driver: { value: global.getDriver() } }) as EntityManager)
+          ? line.global
+          : (Object.create(context, {
+              driver: { value: line.global.getDriver() },
+            }) as EntityManager)
       const em = from.fork({
         clear: true,
         useContext: false,
         disableContextResolution: true,
       }) as EntityManager
-      pinned.set(em, { connection, parents: [], session: undefined })
+      pinned.set(em, { connection, line, parents: [], session: undefined })
       return em
     },
     async release(em, { destroy, error }) {
       const p = state(em, 'release')
       pinned.delete(em)
+      // Never carried to the connection's next holder.
+      p.line.begin = undefined
       // A transaction still open here (a failed COMMIT/ROLLBACK) leaves the connection in an unknown state.
       const open = em.getTransactionContext() !== undefined
       em.clear()
@@ -318,7 +404,9 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       await announce(em, EventType.beforeTransactionStart)
       let trx = contexts.get(p.connection)
       if (trx && !trx.isCompleted?.()) {
-        await send(em, p, beginSql(opts))
+        // Sent with the transaction's first statement (sendBeginAhead); nothing, if none comes.
+        p.line.begin = beginSql(opts)
+        log(em, p.line.begin)
       } else {
         trx = await knexOf(orm).transaction({
           connection: p.connection,
@@ -342,7 +430,7 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       // The unit of work goes into the transaction first, as em.commit() does.
       if (!nothingToFlush(em)) await em.flush()
       await announce(em, EventType.beforeTransactionCommit, trx)
-      await send(em, p, 'COMMIT')
+      await end(em, p, 'COMMIT')
       em.resetTransactionContext()
       await announce(em, EventType.afterTransactionCommit, trx)
     },
@@ -354,7 +442,7 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       throwIfGone(p, 'ROLLBACK')
       endOfContext(p)
       await announce(em, EventType.beforeTransactionRollback, trx)
-      await send(em, p, 'ROLLBACK')
+      await end(em, p, 'ROLLBACK')
       em.resetTransactionContext()
       em.getUnitOfWork().clearActionsQueue()
       await announce(em, EventType.afterTransactionRollback, trx)

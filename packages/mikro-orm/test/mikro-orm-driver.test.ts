@@ -359,6 +359,47 @@ describe('sessions one after another on one connection', () => {
     expect([p.total, p.idle, p.waiting]).toEqual([1, 1, 0])
   })
 
+  it('the BEGIN sent with the first statement: with bind values too, a rollback, and a session that sent nothing', async () => {
+    const txOf = async (em: EntityManager) =>
+      ((await em.execute('SELECT txid_current()::text AS tx')) as { tx: string }[])[0]!.tx
+    // Warm: the connection's first session made its knex transaction context.
+    await serial.run(async () => void (await currentEntityManager(serial)))
+    await serial.run(async () => {
+      const em = await currentEntityManager(serial)
+      // knex with bind values (the extended protocol): BEGIN goes just before it instead.
+      const ctx = em.getTransactionContext() as unknown as {
+        raw(sql: string, b: unknown[]): Promise<{ rows: { tx: string; x: number }[] }>
+      }
+      const { rows } = await ctx.raw('SELECT txid_current()::text AS tx, ?::int AS x', [7])
+      expect(rows[0]!.x).toBe(7)
+      expect(await txOf(em)).toBe(rows[0]!.tx)
+      em.persist(em.create(NoteSchema, { v: 'after-bound-first' }))
+    })
+    await expect(
+      serial.run(async () => {
+        const em = await currentEntityManager(serial)
+        em.persist(em.create(NoteSchema, { v: 'rolled-back-first' }))
+        await em.flush()
+        throw new Error('planned')
+      }),
+    ).rejects.toThrow('planned')
+    // Began, sent nothing, ended: the connection is clean for the next one.
+    await serial.run(async () => void (await currentEntityManager(serial)))
+    await serial.run(
+      async () => {
+        const em = await currentEntityManager(serial)
+        const [a] = await em.execute('SELECT txid_current()::text AS tx')
+        const [b] = await em.execute('SELECT txid_current()::text AS tx')
+        expect(b!.tx).not.toBe(a!.tx)
+      },
+      { transaction: 'none' },
+    )
+    expect(await values()).toEqual(['after-bound-first'])
+    await expectNoIdleInTransaction(url, app)
+    const p = poolFigures(one)
+    expect([p.total, p.idle, p.waiting]).toEqual([1, 1, 0])
+  })
+
   it('a flush subscriber still sees the flush at COMMIT of a session that changed nothing', async () => {
     let flushes = 0
     one.em.getEventManager().registerSubscriber({ beforeFlush: () => void flushes++ })
