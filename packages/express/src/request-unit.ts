@@ -30,16 +30,12 @@ import type { EventEmitter } from 'node:events'
 import http, { type ServerResponse } from 'node:http'
 import { channels, type OpenOptions, type OpenScope, type Scope } from '@scoped/core'
 import express, { type NextFunction, type Request, type Response } from 'express'
-import type { ResolvedSessionOptions } from './options.js'
+import { defaultCommitOn, type ResolvedSessionOptions } from './options.js'
 import { type Args, type End, ResponseGate, type Write } from './response-gate.js'
 import { RequestName } from './route-name.js'
-import { kUnit, type TracedUnit } from './router-tracing.js'
+import { attachUnit, type TracedUnit, unitOf } from './router-tracing.js'
 
 type Emit = EventEmitter['emit']
-
-interface Hooked {
-  [kUnit]?: RequestUnit
-}
 
 function requestIdOf(req: Request): string | undefined {
   // pino-http and express-request-id set req.id; shown in holders and leak warnings.
@@ -67,28 +63,39 @@ export function installHooks(): void {
   const request = express.request as object as Record<string, unknown>
   const response = express.response as object as Record<string, unknown>
   response.end = function end(this: ServerResponse, ...args: Args): ServerResponse {
-    const unit = (this as Hooked)[kUnit]
+    const unit = unitOf<RequestUnit>(this)
     return unit === undefined ? nodeRes.end.apply(this, args as never) : unit.resEnd(this, args)
   }
   response.write = function write(this: ServerResponse, ...args: Args): boolean {
-    const unit = (this as Hooked)[kUnit]
+    const unit = unitOf<RequestUnit>(this)
     return unit === undefined ? nodeRes.write.apply(this, args as never) : unit.resWrite(this, args)
   }
   // `arguments`, not a rest parameter: Node emits many events per request, and V8 passes
-  // `arguments` on to apply() without making an array.
+  // `arguments` on to apply() without making an array. It leaves the hook (and is made)
+  // only for an event the application listens to.
   response.emit = function emit(this: EventEmitter, type: string | symbol): boolean {
-    const unit = (this as Hooked)[kUnit]
+    const unit = unitOf<RequestUnit>(this)
+    if (unit !== undefined) {
+      unit.resEvent(type)
+      if (unit.listened && this.listenerCount(type) > 0) {
+        // biome-ignore lint/complexity/noArguments: see above
+        return unit.emitInScope(this, nodeRes.emit, arguments)
+      }
+    }
     // biome-ignore lint/complexity/noArguments: see above
-    if (unit === undefined) return nodeRes.emit.apply(this, arguments as never)
-    // biome-ignore lint/complexity/noArguments: see above
-    return unit.resEmit(this, type, arguments)
+    return nodeRes.emit.apply(this, arguments as never)
   }
   request.emit = function emit(this: EventEmitter, type: string | symbol): boolean {
-    const unit = (this as { res?: Hooked }).res?.[kUnit]
+    const unit = unitOf<RequestUnit>((this as { res?: object }).res)
+    if (unit !== undefined) {
+      if (type === 'timeout') unit.timedOut()
+      if (unit.listened && this.listenerCount(type) > 0) {
+        // biome-ignore lint/complexity/noArguments: see above
+        return unit.emitInScope(this, nodeReq.emit, arguments)
+      }
+    }
     // biome-ignore lint/complexity/noArguments: see above
-    if (unit === undefined) return nodeReq.emit.apply(this, arguments as never)
-    // biome-ignore lint/complexity/noArguments: see above
-    return unit.reqEmit(this, type, arguments)
+    return nodeReq.emit.apply(this, arguments as never)
   }
   // A listener added before the response ends is the application's (Node's own are added
   // before the middleware, or after the end): from then on the request's events run
@@ -99,13 +106,13 @@ export function installHooks(): void {
     const ofRes = (nodeRes as unknown as Record<string, (...a: unknown[]) => unknown>)[method]!
     const ofReq = (nodeReq as unknown as Record<string, (...a: unknown[]) => unknown>)[method]!
     response[method] = function listen(this: EventEmitter) {
-      const unit = (this as Hooked)[kUnit]
+      const unit = unitOf<RequestUnit>(this)
       if (unit !== undefined) unit.listenerAdded()
       // biome-ignore lint/complexity/noArguments: as emit
       return ofRes.apply(this, arguments as never)
     }
     request[method] = function listen(this: EventEmitter) {
-      const unit = (this as { res?: Hooked }).res?.[kUnit]
+      const unit = unitOf<RequestUnit>((this as { res?: object }).res)
       if (unit !== undefined) unit.listenerAdded()
       // biome-ignore lint/complexity/noArguments: as emit
       return ofReq.apply(this, arguments as never)
@@ -127,8 +134,6 @@ export class RequestUnit implements TracedUnit {
   // What req/res had before our hooks (Node's, or an earlier middleware's).
   #end0: End
   #write0: Write
-  #resEmit0: Emit
-  #reqEmit0: Emit
   #gate: ResponseGate | undefined
   /** Hooked through Express's prototypes (see installHooks), not by methods of its own. */
   #viaPrototype: boolean
@@ -144,7 +149,11 @@ export class RequestUnit implements TracedUnit {
   }
   /** res.end() was called (held, or let through). */
   #endCalled = false
-  /** Router invocations (middleware, handlers) after ours that have not settled yet. */
+  /**
+   * Router invocations (middleware, handlers) after ours that have not settled
+   * yet: the usual one in a slot, a Set only when more run at once.
+   */
+  #running: object | undefined
   #inflight: Set<object> | undefined
   /** The first error thrown or passed to next(err) after the middleware. */
   #error: { value: unknown } | undefined
@@ -167,21 +176,17 @@ export class RequestUnit implements TracedUnit {
     // Otherwise (another scope's unit came first, or an app of another copy of Express)
     // it wraps whatever the request and response have now.
     this.#viaPrototype =
-      (req as Hooked)[kUnit] === undefined &&
-      (res as Hooked)[kUnit] === undefined &&
+      unitOf(req) === undefined &&
+      unitOf(res) === undefined &&
       Object.prototype.isPrototypeOf.call(express.response, res) &&
       Object.prototype.isPrototypeOf.call(express.request, req)
     this.listened = !this.#viaPrototype
     if (this.#viaPrototype) {
       this.#end0 = nodeRes.end as End
       this.#write0 = nodeRes.write as Write
-      this.#resEmit0 = nodeRes.emit
-      this.#reqEmit0 = nodeReq.emit
     } else {
       this.#end0 = res.end as End
       this.#write0 = res.write as Write
-      this.#resEmit0 = res.emit
-      this.#reqEmit0 = req.emit
     }
     // The route is known only after routing, and the session takes its name when it is
     // made (the first getSession(), usually in the handler): the name is read lazily.
@@ -193,16 +198,16 @@ export class RequestUnit implements TracedUnit {
 
   /** Hook the request and the response, then run the rest of the chain inside the scope. */
   run(next: NextFunction): void {
-    const req = this.#req as Request & Hooked
-    const res = this.#res as Response & Hooked
+    const req = this.#req
+    const res = this.#res
     if (this.#viaPrototype) {
-      res[kUnit] = this
+      attachUnit(res, this)
     } else {
-      const first = res[kUnit]
+      const first = unitOf<RequestUnit>(res)
       if (first === undefined) {
-        // Not an Express request of ours: the unit is found on req and res all the same.
-        res[kUnit] = this
-        req[kUnit] = this
+        // Not an Express request of ours: the unit is found by req and res all the same.
+        attachUnit(res, this)
+        attachUnit(req, this)
       } else {
         // Another scope's unit is there: this one wraps whatever its hooks are now.
         let last = first
@@ -216,11 +221,15 @@ export class RequestUnit implements TracedUnit {
       res.write = function write(this: ServerResponse, ...args: Args) {
         return unit.resWrite(this, args)
       } as Response['write']
+      const resEmit0 = res.emit
+      const reqEmit0 = req.emit
       res.emit = function emit(this: EventEmitter, ...args: [string | symbol, ...unknown[]]) {
-        return unit.resEmit(this, args[0], args)
+        unit.resEvent(args[0])
+        return unit.emitInScope(this, resEmit0, args)
       } as Emit
       req.emit = function emit(this: EventEmitter, ...args: [string | symbol, ...unknown[]]) {
-        return unit.reqEmit(this, args[0], args)
+        if (args[0] === 'timeout') unit.timedOut()
+        return unit.emitInScope(this, reqEmit0, args)
       } as Emit
     }
     const closedAlready = res.closed
@@ -232,12 +241,27 @@ export class RequestUnit implements TracedUnit {
 
   started(ctx: object): void {
     if (this.#ended) return
+    if (this.#running === undefined && this.#inflight === undefined) {
+      this.#running = ctx
+      return
+    }
     this.#inflight ??= new Set()
+    if (this.#running !== undefined) {
+      this.#inflight.add(this.#running)
+      this.#running = undefined
+    }
     this.#inflight.add(ctx)
   }
 
   settled(ctx: object): void {
-    if (this.#inflight?.delete(ctx) && this.#endWhenSettled) this.#settle()
+    let was: boolean
+    if (this.#running === ctx) {
+      this.#running = undefined
+      was = true
+    } else {
+      was = this.#inflight?.delete(ctx) ?? false
+    }
+    if (was && this.#endWhenSettled) this.#settle()
   }
 
   failed(error: unknown): void {
@@ -262,8 +286,11 @@ export class RequestUnit implements TracedUnit {
     }
     let commit: boolean
     try {
+      const commitOn = this.#options.commitOn
       commit =
-        this.#options.commitOn({ status: res.statusCode, error: this.#error?.value }) === true
+        commitOn === defaultCommitOn
+          ? this.#error === undefined && res.statusCode < 500
+          : commitOn({ status: res.statusCode, error: this.#error?.value }) === true
     } catch (e) {
       // The response claims an outcome nobody could decide: do not send it as if committed.
       this.#report(e, 'scopedSession({ commitOn })')
@@ -280,6 +307,7 @@ export class RequestUnit implements TracedUnit {
       return res
     }
     this.#ended = true
+    this.#running = undefined
     this.#inflight = undefined
     let now: boolean
     try {
@@ -320,27 +348,27 @@ export class RequestUnit implements TracedUnit {
     return this.#gateOf().write(res, args)
   }
 
-  /** `res.emit()`: `args` are all its arguments, the event's name first. */
-  resEmit(res: EventEmitter, type: string | symbol, args: ArrayLike<unknown>): boolean {
+  /** An event of the response, before its listeners run. */
+  resEvent(type: string | symbol): void {
     if (type === 'close') this.#onClose()
     else if (type === 'timeout') this.#onTimeout()
-    return this.#emitInScope(res, this.#resEmit0, type, args)
   }
 
-  reqEmit(req: EventEmitter, type: string | symbol, args: ArrayLike<unknown>): boolean {
-    if (type === 'timeout') this.#onTimeout()
-    return this.#emitInScope(req, this.#reqEmit0, type, args)
+  /** A socket timeout, seen on the request. */
+  timedOut(): void {
+    this.#onTimeout()
   }
 
-  #emitInScope(
-    target: EventEmitter,
-    emit: Emit,
-    type: string | symbol,
-    args: ArrayLike<unknown>,
-  ): boolean {
+  /**
+   * `emit` (what the target had before our hook) with `args`, the event's name
+   * first: inside the scope when the application listens to it.
+   */
+  emitInScope(target: EventEmitter, emit: Emit, args: ArrayLike<unknown>): boolean {
     // No listener of the application's, nothing to run in the scope ('error' without
     // one throws as it would).
-    if (!this.listened || target.listenerCount(type) === 0) return emit.apply(target, args as never)
+    if (!this.listened || target.listenerCount(args[0] as string | symbol) === 0) {
+      return emit.apply(target, args as never)
+    }
     return this.open.enter(() => emit.apply(target, args as never))
   }
 
@@ -404,24 +432,29 @@ export class RequestUnit implements TracedUnit {
   }
 
   #settle(): void {
-    if (this.#inflight === undefined || this.#inflight.size === 0) this.#end(false)
+    if (
+      this.#running === undefined &&
+      (this.#inflight === undefined || this.#inflight.size === 0)
+    ) {
+      this.#end(false)
+    }
   }
 
   /** End the unit of work, once. The first call decides COMMIT or ROLLBACK. */
   #end(commit: boolean): void {
     if (this.#ended) return
     this.#ended = true
+    this.#running = undefined
     this.#inflight = undefined
-    const during = () => `${commit ? 'COMMIT' : 'ROLLBACK'} of '${this.#sessionName()}'`
     try {
       // Nothing to wait for (no session, or nothing to end but a connection): ended now.
       if (this.open.endNow(commit)) return
     } catch (e) {
-      this.#report(e, during())
+      this.#report(e, this.#during(commit))
       return
     }
     // No one to report to but the scope's onError: the response went out already.
-    this.open.end({ commit }).catch((e) => this.#report(e, during()))
+    this.open.end({ commit }).catch((e) => this.#report(e, this.#during(commit)))
   }
 
   // ── names and reports ──────────────────────────────────────────────────
@@ -431,6 +464,10 @@ export class RequestUnit implements TracedUnit {
       this.#report(e, 'scopedSession({ name })'),
     )
     return this.#name.current
+  }
+
+  #during(commit: boolean): string {
+    return `${commit ? 'COMMIT' : 'ROLLBACK'} of '${this.#sessionName()}'`
   }
 
   #sessionName(): string {

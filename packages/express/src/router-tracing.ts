@@ -33,7 +33,7 @@ export interface TracedUnit {
 }
 
 interface TraceContext {
-  res?: Record<symbol, TracedUnit | undefined>
+  res?: object
   error?: unknown
   incomingError?: unknown
   errorHandler?: boolean
@@ -41,16 +41,29 @@ interface TraceContext {
 }
 
 /** The first unit of work of a request, on `res` (the others hang off its `inner`). */
-export const kUnit = Symbol('@scoped/express unit')
+const kUnit = Symbol('@scoped/express unit')
+
+interface Hooked {
+  [kUnit]?: TracedUnit
+}
+
+/** The first unit of work on `res` (or `req`, for a request Express did not set up). */
+export function unitOf<U extends TracedUnit>(res: object | null | undefined): U | undefined {
+  return res == null ? undefined : ((res as Hooked)[kUnit] as U | undefined)
+}
+
+export function attachUnit(target: object, unit: TracedUnit): void {
+  ;(target as Hooked)[kUnit] = unit
+}
 
 function settled(ctx: TraceContext): void {
-  for (let u = ctx.res?.[kUnit]; u !== undefined; u = u.inner) u.settled(ctx)
+  for (let u = unitOf(ctx.res); u !== undefined; u = u.inner) u.settled(ctx)
 }
 
 const subscribers = {
   start(message: unknown) {
     const ctx = message as TraceContext
-    const first = ctx.res?.[kUnit]
+    const first = unitOf(ctx.res)
     if (first === undefined) return
     // Errors raised before any traced invocation (route matching, URI decoding) are
     // never published on `error`, but every error handler sees them as incomingError.
@@ -71,7 +84,7 @@ const subscribers = {
   },
   error(message: unknown) {
     const ctx = message as TraceContext
-    for (let u = ctx.res?.[kUnit]; u !== undefined; u = u.inner) u.failed(ctx.error)
+    for (let u = unitOf(ctx.res); u !== undefined; u = u.inner) u.failed(ctx.error)
   },
 }
 
@@ -103,12 +116,14 @@ export function ensureRouterTracing(): void {
     failed: () => {},
   }
   const req = { url: '/', method: 'GET' }
+  const res = {}
+  attachUnit(res, probe)
   const router = express.Router()
   router.use((_req, _res, next) => next())
   // handle() is the router's entry point (what app.handle() calls); @types/express hides it.
   ;(router as unknown as { handle(req: object, res: object, done: () => void): void }).handle(
     req,
-    { [kUnit]: probe },
+    res,
     () => {},
   )
   if (!seen) {

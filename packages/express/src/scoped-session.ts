@@ -6,7 +6,7 @@ import { getDefaultScope, type Scope } from '@scoped/core'
 import type { RequestHandler } from 'express'
 import { describe, resolveSessionOptions, type ScopedSessionOptions } from './options.js'
 import { installHooks, RequestUnit } from './request-unit.js'
-import { ensureRouterTracing, kUnit } from './router-tracing.js'
+import { ensureRouterTracing, unitOf } from './router-tracing.js'
 
 function resolveScope<C>(scope: Scope<C> | undefined): Scope<C> {
   if (scope === undefined) {
@@ -81,7 +81,7 @@ export function scopedSession<C = unknown>(
 
   return function scopedSessionMiddleware(req, res, next) {
     // Mounted twice for one scope (app and router): the outer scope already covers the chain.
-    for (let u = (res as { [kUnit]?: RequestUnit })[kUnit]; u !== undefined; u = u.inner) {
+    for (let u = unitOf<RequestUnit>(res); u !== undefined; u = u.inner) {
       if (u.scope === target) {
         next()
         return
