@@ -131,11 +131,7 @@ function scopedSessionPlugin(
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, next) => {
     let state: RequestScope
     try {
-      // The default name is read only when a session is made (or an error names it):
-      // a request that never queries does not look its route up.
-      const name = opts.name ? sessionName(opts.name, request) : () => routeName(request)
-      const open = scope.open({ name, requestId: String(request.id), kind: 'request' })
-      state = new RequestScope(open, reply, opts)
+      state = new RequestScope(request, reply, opts)
     } catch (error) {
       // A closing scope refuses new work: the request is answered 503, not 500.
       next(
@@ -190,23 +186,6 @@ function scopedSessionPlugin(
   }
 
   done()
-}
-
-/** The default session name: `GET /orders/:id`, `GET (no route)` for a 404. */
-function routeName(request: FastifyRequest): string {
-  return `${request.method} ${request.routeOptions.url ?? '(no route)'}`
-}
-
-function sessionName(name: (request: FastifyRequest) => string, request: FastifyRequest): string {
-  const value = name(request)
-  if (typeof value !== 'string' || value === '') {
-    throw new TypeError(
-      `scopedSession({ name }): expected name(request) to return a non-empty string, got ${
-        value === '' ? 'an empty string' : typeof value
-      }`,
-    )
-  }
-  return value
 }
 
 /**

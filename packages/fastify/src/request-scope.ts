@@ -19,8 +19,8 @@
  */
 import type { OpenScope } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
-import type { FastifyReply } from 'fastify'
-import type { ResolvedOptions } from './options.js'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { defaultCommitOn, type ResolvedOptions } from './options.js'
 import { type BodyEnd, scopedStream, scopedWebStream } from './scoped-body.js'
 
 type HandlerState = 'not-started' | 'running' | 'settled'
@@ -58,10 +58,17 @@ export class RequestScope {
   /** onSend's first pass, until it handed its payload (or its commit error) on. */
   #firstPass: Promise<void> | undefined
 
-  constructor(open: OpenScope<unknown>, reply: FastifyReply, options: ResolvedOptions) {
-    this.open = open
+  /** Opens the request's scope (throws what `scope.open()` throws) and watches the response's 'close'. */
+  constructor(request: FastifyRequest, reply: FastifyReply, options: ResolvedOptions) {
     this.#reply = reply
     this.#options = options
+    // The default name is read only when a session is made (or an error names it): a
+    // request that never queries does not look its route up. Both closures capture only
+    // `this`, so they share one context.
+    const name = options.name
+      ? sessionName(options.name, request)
+      : () => routeName(this.#reply.request)
+    this.open = options.scope.open({ name, requestId: String(request.id), kind: 'request' })
     reply.raw.on('close', () => this.#onClose())
   }
 
@@ -123,17 +130,11 @@ export class RequestScope {
    * own failed commit, sends an error response through it again).
    */
   send(payload: unknown, done: (error: Error | null, payload?: unknown) => void): void {
+    // No closure is made on the common path (a closure here would cost every call a
+    // context): the paths that need one have their own methods.
     const reply = this.#reply
     if (this.#responded) {
-      // A second pass: the error response of our failed commit or of a later onSend hook,
-      // or a racing one (a hook sent without `return reply`, so the handler ran too). It
-      // waits for the first pass's response, so it can never overtake a committed one.
-      const pass = () => {
-        if (this.#commitFailed && reply.statusCode < 500) reply.code(500)
-        this.#deliver(done, null, payload)
-      }
-      if (this.#firstPass) void this.#firstPass.then(pass)
-      else pass()
+      this.#secondPass(payload, done)
       return
     }
     this.#responded = true
@@ -153,7 +154,7 @@ export class RequestScope {
     try {
       commit = this.#decide(response ? response.status : reply.statusCode)
     } catch (error) {
-      this.#finish(false).then(() => this.#deliver(done, error as Error))
+      this.#rollBackThenFail(error as Error, done)
       return
     }
     if (response?.body != null && response.status !== 204 && response.status !== 304) {
@@ -173,24 +174,50 @@ export class RequestScope {
       }
     }
     if (!commit && (timedOut || this.#handler === 'running')) {
-      if (!timedOut && this.#running !== undefined) {
-        // A rollback, and the handler returned a promise nobody listened to: has it settled
-        // (it threw, and this is its error response) or does it still run? Listen to it: if
-        // it settled, its reaction runs before this next turn.
-        this.#watch()
-        this.#firstPass = endedCleanly.then(() => {
-          if (this.#handler === 'running') {
-            this.#rollBackLater(payload, (error, value) => this.#deliver(done, error, value))
-            return undefined
-          }
-          return this.#endThenDeliver(false, payload, done)
-        })
-        return
-      }
-      this.#rollBackLater(payload, done)
+      if (!timedOut && this.#running !== undefined) this.#rollBackWhenKnown(payload, done)
+      else this.#rollBackLater(payload, done)
       return
     }
     this.#firstPass = this.#endThenDeliver(commit, payload, done)
+  }
+
+  /**
+   * A second pass: the error response of our failed commit or of a later onSend hook,
+   * or a racing one (a hook sent without `return reply`, so the handler ran too). It
+   * waits for the first pass's response, so it can never overtake a committed one.
+   */
+  #secondPass(payload: unknown, done: (error: Error | null, payload?: unknown) => void): void {
+    const reply = this.#reply
+    const pass = () => {
+      if (this.#commitFailed && reply.statusCode < 500) reply.code(500)
+      this.#deliver(done, null, payload)
+    }
+    if (this.#firstPass) void this.#firstPass.then(pass)
+    else pass()
+  }
+
+  /** commitOn failed: roll back, then answer with its error. */
+  #rollBackThenFail(error: Error, done: (error: Error | null, payload?: unknown) => void): void {
+    this.#finish(false).then(() => this.#deliver(done, error))
+  }
+
+  /**
+   * A rollback, and the handler returned a promise nobody listened to: has it settled
+   * (it threw, and this is its error response) or does it still run? Listen to it: if
+   * it settled, its reaction runs before this next turn.
+   */
+  #rollBackWhenKnown(
+    payload: unknown,
+    done: (error: Error | null, payload?: unknown) => void,
+  ): void {
+    this.#watch()
+    this.#firstPass = endedCleanly.then(() => {
+      if (this.#handler === 'running') {
+        this.#rollBackLater(payload, (error, value) => this.#deliver(done, error, value))
+        return undefined
+      }
+      return this.#endThenDeliver(false, payload, done)
+    })
   }
 
   /**
@@ -221,6 +248,15 @@ export class RequestScope {
       else this.#deliver(done, null, payload)
       return undefined
     }
+    return this.#endThenDeliverLater(commit, payload, done)
+  }
+
+  /** #endThenDeliver when the end must be awaited (its own method: its closure costs a context). */
+  #endThenDeliverLater(
+    commit: boolean,
+    payload: unknown,
+    done: (error: Error | null, payload?: unknown) => void,
+  ): Promise<void> {
     const reply = this.#reply
     const status = reply.statusCode
     const contentType = reply.getHeader('content-type')
@@ -301,7 +337,10 @@ export class RequestScope {
   /** commitOn, guarded: an aborted request never commits; a non-boolean answer is a bug. */
   #decide(status: number): boolean {
     if (this.open.aborted) return false
-    const answer = this.#options.commitOn({ status, error: this.#error?.value })
+    const commitOn = this.#options.commitOn
+    // The default, without making its argument (#error boxes even an undefined error).
+    if (commitOn === defaultCommitOn) return this.#error === undefined && status < 500
+    const answer = commitOn({ status, error: this.#error?.value })
     if (typeof answer !== 'boolean') {
       throw new TypeError(
         `scopedSession({ commitOn }): expected a boolean, got ${answer === null ? 'null' : typeof answer}` +
@@ -380,6 +419,23 @@ export class RequestScope {
       }
     })
   }
+}
+
+/** The default session name: `GET /orders/:id`, `GET (no route)` for a 404. */
+function routeName(request: FastifyRequest): string {
+  return `${request.method} ${request.routeOptions.url ?? '(no route)'}`
+}
+
+function sessionName(name: (request: FastifyRequest) => string, request: FastifyRequest): string {
+  const value = name(request)
+  if (typeof value !== 'string' || value === '') {
+    throw new TypeError(
+      `scopedSession({ name }): expected name(request) to return a non-empty string, got ${
+        value === '' ? 'an empty string' : typeof value
+      }`,
+    )
+  }
+  return value
 }
 
 function isResponse(payload: unknown): payload is Response {
