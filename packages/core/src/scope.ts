@@ -294,7 +294,7 @@ export class OpenScope<C> {
     }
     if (s && !(this.#removed && s.state === 'closed')) return s
     this.#removed = false
-    const session = new Session(this.#scope.core, this, this.name, this.#mode, this.#releaseIdle)
+    const session = new Session(this.#scope.core, this, this.#mode, this.#releaseIdle)
     this.#session = session
     this.#onSession?.()
     return session

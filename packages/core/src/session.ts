@@ -76,9 +76,11 @@ let nextId = 0
  * ```
  */
 export class Session<C = unknown> {
-  readonly id: string
-  readonly name: string
   readonly requestId: string | undefined
+  /** `id` and `name` are made when first read: a session that only runs statements needs neither. */
+  #seq: number
+  #id: string | undefined
+  #name: string | undefined
 
   #core: ScopeCore<C>
   #frame: Frame<C>
@@ -147,20 +149,25 @@ export class Session<C = unknown> {
   #createdAt = performance.now()
 
   /** @internal Sessions are made by their scope; use `getSession()`. */
-  constructor(
-    core: ScopeCore<C>,
-    frame: Frame<C>,
-    name: string,
-    mode: TransactionMode,
-    releaseIdle = false,
-  ) {
+  constructor(core: ScopeCore<C>, frame: Frame<C>, mode: TransactionMode, releaseIdle = false) {
     this.#core = core
     this.#frame = frame
     this.#mode = mode
     this.#releaseIdle = releaseIdle
-    this.name = name
     this.requestId = frame.requestId
-    this.id = `${core.idPrefix}${(++nextId).toString(36)}`
+    this.#seq = ++nextId
+  }
+
+  /** Unique in the process (prefixed when there are several scopes): `holders()`, events, errors. */
+  get id(): string {
+    this.#id ??= `${this.#core.idPrefix}${this.#seq.toString(36)}`
+    return this.#id
+  }
+
+  /** The request's or job's name, e.g. `GET /orders/:id` (an adapter may work it out only now). */
+  get name(): string {
+    this.#name ??= this.#frame.name
+    return this.#name
   }
 
   /** `idle`: no connection held; `active`: holding one; `closed`: ended, every call throws. */
