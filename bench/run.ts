@@ -56,6 +56,7 @@ async function main(): Promise<void> {
     const bundles = {
       http: await bundle('apps/http.ts', 'http'),
       micro: await bundle('apps/micro.ts', 'micro'),
+      alloc: await bundle('apps/alloc.ts', 'alloc'),
     }
     const n24 = node24(log)
     const ctx: Context = {

@@ -16,7 +16,7 @@ export interface Context {
   node24Version: string | undefined
   /** Why there is no Node 24, when there is none. */
   node24Why: string | undefined
-  bundles: { http: string; micro: string }
+  bundles: { http: string; micro: string; alloc: string }
   log: (line: string) => void
 }
 
