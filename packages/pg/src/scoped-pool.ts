@@ -118,6 +118,10 @@ function queryInTurn(
   values: unknown[] | undefined,
 ): Promise<pg.QueryResult> {
   if (isPipelined(client)) return client.query(text as string, values)
+  // pg releases before brianc/node-postgres#3720 (July 2026) write the callback into a config
+  // object they are given, and a later promise-style query of the same object would then return undefined:
+  // config objects take the promise form.
+  if (typeof text !== 'string') return serial(client, () => client.query(text, values))
   return new Promise((resolve, reject) => {
     inTurn(client, () => {
       try {
