@@ -33,7 +33,7 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { defaultCommitOn, type ResolvedSessionOptions } from './options.js'
 import { type Args, type End, ResponseGate, type Write } from './response-gate.js'
 import { RequestName } from './route-name.js'
-import { attachUnit, type TracedUnit, unitOf } from './router-tracing.js'
+import { attachUnit, attachUnitTo, type TracedUnit, unitOf } from './router-tracing.js'
 
 type Emit = EventEmitter['emit']
 
@@ -126,7 +126,7 @@ export class RequestUnit implements TracedUnit {
   /** Another scope's unit on the same request, mounted after this one. */
   inner: RequestUnit | undefined
   #req: Request
-  #res: Response
+  readonly res: Response
   #options: ResolvedSessionOptions
   /** The mount path when the middleware ran (the provisional name's), and the name once asked. */
   #base: string
@@ -145,7 +145,15 @@ export class RequestUnit implements TracedUnit {
 
   /** `req.on()`, `res.once()`, …: see installHooks. */
   listenerAdded(): void {
-    if (!this.#endCalled) this.listened = true
+    if (this.listened || this.#endCalled) return
+    this.listened = true
+    // Its events may come after the socket moved on to the next request: found on `res` too.
+    attachUnitTo(this.res, this)
+  }
+
+  /** See TracedUnit.leftSocket. */
+  get leftSocket(): boolean {
+    return this.listened || (this.#ended && this.#endCalled)
   }
   /** res.end() was called (held, or let through). */
   #endCalled = false
@@ -167,7 +175,7 @@ export class RequestUnit implements TracedUnit {
   constructor(scope: Scope<unknown>, req: Request, res: Response, options: ResolvedSessionOptions) {
     this.scope = scope
     this.#req = req
-    this.#res = res
+    this.res = res
     this.#options = options
     this.#base = req.baseUrl ?? ''
     // The first unit of an Express request: the hooks on the prototypes find it on `res`, and
@@ -199,15 +207,15 @@ export class RequestUnit implements TracedUnit {
   /** Hook the request and the response, then run the rest of the chain inside the scope. */
   run(next: NextFunction): void {
     const req = this.#req
-    const res = this.#res
+    const res = this.res
     if (this.#viaPrototype) {
-      attachUnit(res, this)
+      attachUnit(this)
     } else {
       const first = unitOf<RequestUnit>(res)
       if (first === undefined) {
         // Not an Express request of ours: the unit is found by req and res all the same.
-        attachUnit(res, this)
-        attachUnit(req, this)
+        attachUnitTo(res, this)
+        attachUnitTo(req, this)
       } else {
         // Another scope's unit is there: this one wraps whatever its hooks are now.
         let last = first
@@ -402,7 +410,7 @@ export class RequestUnit implements TracedUnit {
     // once the handler has settled. The abort tells work still running to stop (and
     // cancels its statement with cancelOnAbort); a body parser's 'request aborted'
     // error usually arrives before this 'close', so an error alone does not skip it.
-    const cutByServer = this.#error !== undefined && this.#res.headersSent && !this.#timedOut
+    const cutByServer = this.#error !== undefined && this.res.headersSent && !this.#timedOut
     if (!cutByServer) this.#abort(this.#timedOut ? 'timeout' : 'client-abort')
     this.#endWhenSettled = true
     this.#settle()

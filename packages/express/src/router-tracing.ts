@@ -24,6 +24,13 @@ import express from 'express'
 export interface TracedUnit {
   /** The next unit on the same request (another scope's), if any. */
   readonly inner: TracedUnit | undefined
+  /** The response it is the unit of work of. */
+  readonly res: object
+  /**
+   * True once nothing needs to find it through its socket any more: it is
+   * under its own `res` too, or its response ended and its scope ended.
+   */
+  readonly leftSocket: boolean
   /** An invocation (middleware, handler, error handler) after the unit's middleware began. */
   started(ctx: object): void
   /** That invocation returned, or its promise settled. */
@@ -40,7 +47,20 @@ interface TraceContext {
   result?: unknown
 }
 
-/** The first unit of work of a request, on `res` (the others hang off its `inner`). */
+/**
+ * The first unit of work of a request (the others hang off its `inner`), kept
+ * under this symbol on the response's socket when it is free, else on `res`.
+ *
+ * Why the socket: Express swaps the prototype of every request and response,
+ * and on Node 20 (V8 11) a property added to an object after that makes a
+ * hidden class for that one object (a map and its descriptors, ~1.5 KB per
+ * request, and every later access misses the inline caches). A socket's
+ * hidden class is shared, and on a keep-alive connection the property is
+ * there from its first request on. The socket holds one unit at a time, and
+ * one of a response that is still being answered is never displaced: a
+ * pipelined response waiting for the socket, or a second stream of a shared
+ * socket, keeps its unit on `res`. (A WeakMap by `res` costs far more CPU.)
+ */
 const kUnit = Symbol('@scoped/express unit')
 
 interface Hooked {
@@ -49,10 +69,31 @@ interface Hooked {
 
 /** The first unit of work on `res` (or `req`, for a request Express did not set up). */
 export function unitOf<U extends TracedUnit>(res: object | null | undefined): U | undefined {
-  return res == null ? undefined : ((res as Hooked)[kUnit] as U | undefined)
+  if (res == null) return undefined
+  const socket = (res as { socket?: Hooked | null }).socket
+  if (socket != null) {
+    const u = socket[kUnit]
+    if (u !== undefined && u.res === res) return u as U
+  }
+  return (res as Hooked)[kUnit] as U | undefined
 }
 
-export function attachUnit(target: object, unit: TracedUnit): void {
+/** Make `unit` the first unit of its response: under its socket when that is free. */
+export function attachUnit(unit: TracedUnit): void {
+  const res = unit.res as Hooked & { socket?: Hooked | null }
+  const socket = res.socket
+  if (socket != null) {
+    const held = socket[kUnit]
+    if (held === undefined || held.leftSocket) {
+      socket[kUnit] = unit
+      return
+    }
+  }
+  res[kUnit] = unit
+}
+
+/** Under `target` itself (`res` or `req`), to be found there whatever its socket holds. */
+export function attachUnitTo(target: object, unit: TracedUnit): void {
   ;(target as Hooked)[kUnit] = unit
 }
 
@@ -107,8 +148,11 @@ export function ensureRouterTracing(): void {
   tracing('express.router.request').subscribe(subscribers)
   // A dry run through a router of the Express we were built against.
   let seen = false
+  const res = {}
   const probe: TracedUnit = {
     inner: undefined,
+    res,
+    leftSocket: true,
     started: () => {
       seen = true
     },
@@ -116,8 +160,7 @@ export function ensureRouterTracing(): void {
     failed: () => {},
   }
   const req = { url: '/', method: 'GET' }
-  const res = {}
-  attachUnit(res, probe)
+  attachUnit(probe)
   const router = express.Router()
   router.use((_req, _res, next) => next())
   // handle() is the router's entry point (what app.handle() calls); @types/express hides it.

@@ -3,11 +3,12 @@
  * whose COMMIT did not happen: rows checked from an independent connection.
  */
 import { stat } from 'node:fs/promises'
+import net from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { defaultCommitOn, scopedSession } from '@scoped/express'
 import express, { type NextFunction, type Request, type Response } from 'express'
 import pg from 'pg'
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest'
 import { independentQuery, testDatabase } from '../../../test/support/db.ts'
 import {
   type Db,
@@ -136,6 +137,67 @@ describe('COMMIT before the response', () => {
       await srv.close()
     }
     await settled(d)
+  })
+})
+
+describe('requests sharing one connection', () => {
+  it('pipelined requests and the keep-alive request after them each commit or roll back their own unit of work', async () => {
+    const app = express()
+    app.use(scopedSession(d.scope))
+    const heard: string[] = []
+    app.get('/pipe/:id', async (req, res) => {
+      const id = req.params.id as string
+      // The first answers last of its own work: the second is routed while it still runs.
+      if (id.includes('-slow')) await new Promise((r) => setTimeout(r, 50))
+      await insert(id)
+      if (id.includes('-listened')) {
+        const mine = d.scope.getSession().id
+        res.on('finish', () => {
+          try {
+            heard.push(`${id}: ${d.scope.getSession().id === mine ? 'its own session' : 'another'}`)
+          } catch (e) {
+            heard.push(`${id}: ${e}`)
+          }
+        })
+      }
+      if (id.includes('-fail')) return void res.status(500).send(id)
+      res.send(id)
+    })
+    const srv = await listen(app)
+    const r = releases(d.scope.name)
+    try {
+      const ids = ['p-slow-listened', 'p-listened', 'p-fail', 'p-last-listened']
+      const socket = net.connect(Number(new URL(srv.url).port), '127.0.0.1')
+      let text = ''
+      socket.setEncoding('utf8')
+      socket.on('data', (chunk: string) => {
+        text += chunk
+      })
+      const get = (id: string) => `GET /pipe/${id} HTTP/1.1\r\nHost: x\r\n\r\n`
+      // Three requests in one write (pipelined), then one more once they were answered.
+      socket.write(ids.slice(0, 3).map(get).join(''))
+      await vi.waitFor(() => expect(text.endsWith('\r\n\r\np-fail')).toBe(true))
+      socket.write(get('p-last-listened'))
+      await vi.waitFor(() => expect(text.endsWith('\r\n\r\np-last-listened')).toBe(true))
+      socket.destroy()
+      const statuses = [...text.matchAll(/HTTP\/1\.1 (\d+)/g)].map((m) => Number(m[1]))
+      expect(statuses).toEqual([200, 200, 500, 200])
+      // Responses in request order, each with its own body.
+      expect([...text.matchAll(/\r\n\r\n(p-[a-z-]+)/g)].map((m) => m[1])).toEqual(ids)
+      await settled(d)
+      expect(r.count).toBe(4)
+      // Their listeners ran inside their own scopes, whatever the socket held by then.
+      expect(heard).toEqual(
+        ['p-slow-listened', 'p-listened', 'p-last-listened'].map((id) => `${id}: its own session`),
+      )
+      expect(await exists('items', 'p-slow-listened')).toBe(true)
+      expect(await exists('items', 'p-listened')).toBe(true)
+      expect(await exists('items', 'p-fail')).toBe(false)
+      expect(await exists('items', 'p-last-listened')).toBe(true)
+    } finally {
+      r.stop()
+      await srv.close()
+    }
   })
 })
 
