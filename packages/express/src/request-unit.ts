@@ -16,11 +16,12 @@
  * to commit, so its end goes straight through and the scope ends at once
  * (`endNow`, no promise). Nothing is made per request but the unit and its
  * scope: the hooks on `req`/`res` are shared functions that find the unit
- * under a symbol, the name is worked out only when read, a response gate
- * only when a write or a COMMIT needs one.
+ * (through the socket, see unitOf), the name is worked out only when read, a
+ * response gate only when a write or a COMMIT needs one, a Set of running
+ * handlers only when more than one runs at once.
  *
  * `AsyncLocalStorage` is lost in `req`/`res` event listeners, so nothing here
- * reaches the scope through `getSession()`: the hooks find the unit on `req`
+ * reaches the scope through `getSession()`: the hooks find the unit from `req`
  * and `res`. For the application's own listeners (a body reader's `'end'`,
  * a `'finish'` logger), `req.emit` and `res.emit` run them inside the scope;
  * the same hooks see `'close'` (the response is over, or will never be sent)
@@ -51,8 +52,8 @@ const nodeReq = http.IncomingMessage.prototype
  * The hooks of a request's first unit, once per process on the prototypes
  * every Express app's requests and responses inherit from (`express.request`,
  * `express.response`, Express's place for extensions): a request then costs
- * one property (its unit, on `res`) instead of four methods of its own (and
- * objects whose methods are their own are slower everywhere Node calls them).
+ * no method of its own (objects whose methods are their own are slower
+ * everywhere Node calls them), and its unit is found by unitOf().
  * A response with no unit goes straight to Node's method.
  */
 let hooked = false
