@@ -49,6 +49,36 @@ describe('lazy checkout', () => {
     expect(driver.events.filter((e) => e === 'begin')).toHaveLength(1)
     expect(driver.conns[0]!.log.filter((l) => l.startsWith('q'))).toHaveLength(10)
   })
+
+  it.each(['none', 'auto'] as const)(
+    "uses start in call order, even one made as the checkout lands (transaction: '%s')",
+    async (transaction) => {
+      const { driver, scope } = make(new FakeDriver(), { transaction })
+      const started: string[] = []
+      const use = (name: string) =>
+        scope.getSession().use(async () => {
+          started.push(name)
+        })
+      const acquire = driver.acquire.bind(driver)
+      let late: Promise<void> | undefined
+      driver.acquire = (signal) => {
+        const delivered = acquire(signal)
+        // Registered after the session's own reaction to the checkout: C is called when the
+        // connection is already held, while B (called before it) still waits for its turn.
+        queueMicrotask(() => {
+          delivered.then(() => {
+            late = use('C')
+          })
+        })
+        return delivered
+      }
+      await scope.run(async () => {
+        await Promise.all([use('A'), use('B')])
+        await late
+      })
+      expect(started).toEqual(['A', 'B', 'C'])
+    },
+  )
 })
 
 describe('unit of work (auto)', () => {
