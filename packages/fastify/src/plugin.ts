@@ -142,7 +142,9 @@ function scopedSessionPlugin(
       return
     }
     ;(request as unknown as Record<symbol, RequestScope>)[kScope] = state
-    watchTimeout(request.raw.socket)
+    // HTTP/1 only: an HTTP/2 request's socket is a proxy of its session's, and its
+    // timeouts are the session's.
+    if (request.raw.httpVersionMajor === 1) watchTimeout(request.raw.socket)
     if (mayHaveBody(request)) bindRequestEvents(request, state.open)
     state.open.enter(next)
   })
