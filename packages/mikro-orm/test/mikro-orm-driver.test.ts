@@ -133,8 +133,10 @@ describe("inside MikroORM's RequestContext", () => {
         // Forked from the context's EntityManager: its filter parameters came along.
         expect(em.getFilterParams('mark')).toEqual({ v: 'context-param' })
         em.persist(em.create(NoteSchema, { v: 'in-request-context' }))
-        const [{ pid }] = await em.execute('SELECT pg_backend_pid() AS pid')
-        const [{ pid: again }] = await em.execute('SELECT pg_backend_pid() AS pid')
+        const pidOf = async () =>
+          ((await em.execute('SELECT pg_backend_pid() AS pid')) as { pid: number }[])[0]!.pid
+        const pid = await pidOf()
+        const again = await pidOf()
         expect(again).toBe(pid)
       }),
     )
