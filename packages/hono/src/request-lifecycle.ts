@@ -120,6 +120,18 @@ export class RequestLifecycle<C> {
     this.#chainDone = true
   }
 
+  /**
+   * The chain threw or rejected instead of answering (`next()` in the
+   * middleware, `app.fetch` in `scopedFetch()`): a non-Error, since Hono hands
+   * Errors to the error handler, or what the error handler threw; or a
+   * commitOn that threw. Roll back, then pass it on.
+   */
+  async chainThrew(thrown: unknown): Promise<never> {
+    this.#chainDone = true
+    await this.rollback()
+    throw thrown
+  }
+
   /** The unit of work was aborted: the client went away (or its socket was destroyed), or a timeout. */
   get aborted(): boolean {
     return this.#aborted

@@ -206,12 +206,12 @@ export function scopedFetch<E extends Env = any>(
     } catch (e) {
       // A non-Error thrown by a handler that ran synchronously (Hono rethrows those), or one
       // the error handler threw.
-      return threw(life, e)
+      return life.chainThrew(e)
     }
     if (typeof (res as Promise<Response>).then === 'function') {
       return (res as Promise<Response>).then(
         (r) => returned(app, life, r, request, env, executionCtx),
-        (e: unknown) => threw(life, e),
+        (e: unknown) => life.chainThrew(e),
       )
     }
     return returned(app, life, res as Response, request, env, executionCtx)
@@ -223,13 +223,6 @@ interface Wrapped {
   app: App
   tracking: Tracking
   opts: ResolvedSessionOptions
-}
-
-/** The app threw or rejected (a non-Error, or its error handler failed): roll back, pass it on. */
-async function threw<C>(life: RequestLifecycle<C>, thrown: unknown): Promise<never> {
-  life.chainSettled()
-  await life.rollback()
-  throw thrown
 }
 
 /**

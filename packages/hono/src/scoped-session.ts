@@ -97,19 +97,9 @@ export function scopedSession<C = unknown>(
     // finished body) settles in the one reaction below, without promises of our own.
     return chain.then(
       () => chainReturned(c, life, opts, errorBefore),
-      (e: unknown) => chainThrew(life, e),
+      (e: unknown) => life.chainThrew(e),
     )
   }
-}
-
-/**
- * What `next()` rejected with: non-Error values (and what app.onError rethrows),
- * since Hono hands Errors to app.onError and sets c.error instead of rejecting.
- */
-async function chainThrew<C>(life: RequestLifecycle<C>, thrown: unknown): Promise<never> {
-  life.chainSettled()
-  await life.rollback()
-  throw thrown
 }
 
 /**
@@ -135,7 +125,7 @@ function chainReturned<C>(
   try {
     commit = commitReturned(opts, c.res.status)
   } catch (e) {
-    return chainThrew(life, e)
+    return life.chainThrew(e)
   }
   try {
     if (life.endNow(commit)) return undefined

@@ -12,6 +12,12 @@ import { pgDriver, type ScopedPool, scopedPool } from '@scoped/pg'
 import type { Hono } from 'hono'
 import pg from 'pg'
 import { independentQuery, testDatabase } from '../../../test/support/db.ts'
+import {
+  type ScopedFetch,
+  type ScopedFetchOptions,
+  scopedFetch,
+  scopedSession,
+} from '../src/index.ts'
 
 export { independentQuery }
 
@@ -134,6 +140,8 @@ export function tally(scopeName: string, by: 'requestId' | 'name' = 'requestId')
   }
 }
 
+export type Tally = ReturnType<typeof tally>
+
 /** Poll until `cond` holds; fail with `what` after `timeoutMs` (a bound, not a measurement). */
 export async function until(
   cond: () => boolean | Promise<boolean>,
@@ -216,3 +224,92 @@ export async function rowIds(url: string, sql: string, params: unknown[] = []): 
   const rows = await independentQuery<{ id: string }>(url, sql, params)
   return rows.map((r) => r.id)
 }
+
+/** What a test may set on either entry point (`name` differs between them: see `Entry.mount`). */
+export type MountOptions = Omit<ScopedFetchOptions, 'name'> & {
+  /**
+   * scopedFetch(app) only: leave sessions their default names (`GET /route/:id`) instead of
+   * naming them after the `x-test-id` header.
+   */
+  routeNames?: boolean
+}
+
+/**
+ * One of the two ways to put an app's requests in a unit of work. The tests of a behaviour
+ * both share run once per entry (`describe.each(entries)`), with what differs as data here.
+ */
+export interface Entry {
+  /** The title of the entry's `describe`. */
+  readonly title: string
+  readonly kind: 'middleware' | 'fetch'
+  /** The database (and scope) name of this entry's run of a test file: `hono_<file>`, `hono_fetch_<file>`. */
+  db(file: string): string
+  /**
+   * A tally that follows each request by its `x-test-id`: the middleware's request id (set from
+   * the header), or scopedFetch()'s session name (named after it, unless `routeNames`).
+   */
+  tally(scopeName: string): Tally
+  /**
+   * Put `app`'s requests in a unit of work of `scope`. The middleware is added where this is
+   * called (what the app registered before stays outside), under `options.path` if given; the
+   * first mount on an app adds, before it, a middleware that makes `x-test-id` the request id.
+   * scopedFetch(app) is made here (so an onError set later must still be followed), and
+   * `listen()` hands it the requests under `path` (the rest go to app.fetch, outside any scope).
+   */
+  mount(app: Hono<any>, scope: Scope<any>, options?: MountOptions & { path?: string }): void
+  /** Serve `app` as mounted on a free loopback port. */
+  listen(app: Hono<any>, serverOptions?: http.ServerOptions): Promise<Running>
+}
+
+/** Sessions named after the `x-test-id` header (else method and path), so a tally can follow each request. */
+const byTestId = (req: Request) =>
+  req.headers.get('x-test-id') ?? `${req.method} ${new URL(req.url).pathname}`
+
+const withIds = new WeakSet<Hono<any>>()
+const fetches = new WeakMap<Hono<any>, { prefix: string; fetch: ScopedFetch }[]>()
+
+export const middleware: Entry = {
+  title: 'scopedSession()',
+  kind: 'middleware',
+  db: (file) => `hono_${file}`,
+  tally: (scopeName) => tally(scopeName),
+  mount(app, scope, { path, routeNames: _, ...options } = {}) {
+    if (!withIds.has(app)) {
+      withIds.add(app)
+      app.use(async (c, next) => {
+        const id = c.req.header('x-test-id')
+        if (id) c.set('requestId' as never, id as never)
+        await next()
+      })
+    }
+    if (path) app.use(path, scopedSession(scope, options))
+    else app.use(scopedSession(scope, options))
+  },
+  listen: (app, serverOptions) => listen(app, serverOptions),
+}
+
+export const fetchEntry: Entry = {
+  title: 'scopedFetch(app)',
+  kind: 'fetch',
+  db: (file) => `hono_fetch_${file}`,
+  tally: (scopeName) => tally(scopeName, 'name'),
+  mount(app, scope, { path, routeNames, ...options } = {}) {
+    const fetch = scopedFetch(app, scope, routeNames ? options : { ...options, name: byTestId })
+    const list = fetches.get(app) ?? []
+    list.push({ prefix: path?.replace(/\*$/, '') ?? '/', fetch })
+    fetches.set(app, list)
+  },
+  listen(app, serverOptions) {
+    const list = fetches.get(app) ?? []
+    if (list.length === 1 && list[0]!.prefix === '/')
+      return serveFetch(list[0]!.fetch, serverOptions)
+    return serveFetch((req, env) => {
+      const path = new URL(req.url).pathname
+      const fetch = list.find((m) => path.startsWith(m.prefix))?.fetch ?? app.fetch
+      return fetch(req, env)
+    }, serverOptions)
+  },
+}
+
+/** Both entry points, for `describe.each(entries)('$title', (m) => …)`. */
+export const entries: Entry[] = [middleware, fetchEntry]
