@@ -72,7 +72,9 @@ function measureAlloc(ctx: Context, node: string, id: string, run: AllocRun): nu
     lastGc = gc
     const allocated = / allocated=(\d+) /.exec(line)?.[1]
     if (allocated === undefined) throw new Error(`${path}: a GC line without allocated=`)
-    if (bytes !== undefined) bytes += Number(allocated)
+    // V8 prints a size_t: a GC that found less than the last one counted wraps around 2^64.
+    // BigInt, then back: the difference is small, Number() of the wrapped value is not exact.
+    if (bytes !== undefined) bytes += Number(BigInt.asIntN(64, BigInt(allocated)))
   }
   if (perOp.length !== run.windows) {
     throw new Error(`${path}: ${perOp.length} windows measured, ${run.windows} expected`)
