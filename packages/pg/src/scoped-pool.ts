@@ -3,6 +3,7 @@
  * session, so code written against `pool.query(...)` joins the request's unit
  * of work without change.
  */
+import { AsyncResource } from 'node:async_hooks'
 import type { Scope } from '@scoped/core'
 import { NoActiveScopeError } from '@scoped/core'
 import type pg from 'pg'
@@ -40,14 +41,20 @@ function isPipelined(client: pg.PoolClient): boolean {
   return (client as { pipeline?: boolean }).pipeline === true
 }
 
-/** Run `start` now if nothing of ours runs on `client`, else after what is queued. */
+/**
+ * Run `start` now if nothing of ours runs on `client`, else after what is queued.
+ * A queued one is bound to its caller's async context: it is started from the
+ * previous statement's end (pg's callback, run in the context the connection's
+ * socket was made in), and whatever reads AsyncLocalStorage when the statement
+ * is sent (tracing, loggers, getSession()) must see its caller's.
+ */
 function inTurn(client: pg.PoolClient, start: () => void): void {
   const q = queues.get(client)
   if (q === undefined) {
     queues.set(client, busy)
     start()
-  } else if (q === busy) queues.set(client, [start])
-  else q.push(start)
+  } else if (q === busy) queues.set(client, [AsyncResource.bind(start)])
+  else q.push(AsyncResource.bind(start))
 }
 
 /** The running statement ended: start the next one, or mark the client free. */

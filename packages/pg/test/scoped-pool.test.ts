@@ -4,6 +4,7 @@
  * on one backend, in one transaction that a throw rolls back; outside a scope
  * it is an error that says how to fix it, or (opted in) plain pool.query().
  */
+import { AsyncLocalStorage } from 'node:async_hooks'
 import { createScope, NoActiveScopeError, SessionClosedError } from '@scoped/core'
 import { pgDriver, scopedPool, serial } from '@scoped/pg'
 import pg from 'pg'
@@ -109,6 +110,38 @@ describe('scopedPool.query()', () => {
     expect(await committed()).toEqual(['slow', 'fast 1', 'serial', 'fast 2'])
     expect(most).toBe(1)
     await settled()
+  })
+
+  it("a statement that waited for its turn is sent in its caller's async context (AsyncLocalStorage, tracing)", async () => {
+    // Instrumentation (OpenTelemetry's pg spans, request-id loggers) reads the async context
+    // when client.query() is called: a queued statement must not be sent from the previous
+    // statement's callback, in the context of whatever the connection's socket was made in.
+    const tag = new AsyncLocalStorage<string>()
+    const seen: (string | undefined)[] = []
+    await scope.run(
+      async () => {
+        const pool = db()
+        await pool.query('SELECT 1') // the connection is held from here on
+        const client = await scope.getSession().connection()
+        const query = client.query
+        ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+          seen.push(tag.getStore())
+          return (query as any).apply(this, args)
+        }
+        try {
+          await Promise.all([
+            tag.run('first', () => pool.query('SELECT pg_sleep(0.02)')),
+            tag.run('second', () => pool.query('SELECT 2')),
+            tag.run('third', () => serial(client, () => client.query('SELECT 3'))),
+            tag.run('fourth', () => pool.query({ text: 'SELECT 4' })),
+          ])
+        } finally {
+          ;(client as any).query = query
+        }
+      },
+      { transaction: 'none' },
+    )
+    expect(seen).toEqual(['first', 'second', 'third', 'fourth'])
   })
 
   it('refuses pg-cursor / pg-query-stream objects before checking out, saying what to use instead', async () => {
