@@ -7,6 +7,7 @@
  * (node-postgres: "Calling client.query() when the client is already
  * executing a query") or break; so statements queue here, in call order.
  */
+import { AsyncResource } from 'node:async_hooks'
 import { TransactionStateError } from '@scoped/core'
 import { isPgServerError } from '@scoped/pg'
 import type { CompiledQuery, DatabaseConnection, QueryResult } from 'kysely'
@@ -114,7 +115,14 @@ export class SerialConnection implements DatabaseConnection {
       return this.#start(fn)
     }
     return new Promise<T>((resolve, reject) => {
-      this.#waiting.push({ fn, resolve: resolve as (value: unknown) => void, reject })
+      // Started later from the previous statement's reaction, in its caller's async context:
+      // bound to this caller's, so what reads AsyncLocalStorage when the statement goes out
+      // (tracing spans, loggers) sees the right one. Only queued statements pay for it.
+      this.#waiting.push({
+        fn: AsyncResource.bind(fn),
+        resolve: resolve as (value: unknown) => void,
+        reject,
+      })
     })
   }
 

@@ -4,6 +4,7 @@
  * and db.startTransaction() are its savepoints; concurrent queries share the
  * one connection; outside a scope it throws (or uses the pool when asked).
  */
+import { AsyncLocalStorage } from 'node:async_hooks'
 import {
   createScope,
   NoActiveScopeError,
@@ -325,6 +326,49 @@ describe('concurrency in one session', () => {
     } finally {
       process.off('warning', onWarning)
     }
+  })
+})
+
+describe('async context of queued statements', () => {
+  it("a statement that waited for its turn is sent in its caller's async context (AsyncLocalStorage, tracing)", async () => {
+    // Instrumentation (OpenTelemetry's pg spans, request-id loggers) reads the async context when
+    // the pg client's query() is called: a statement queued behind another in the session must
+    // be sent in its own caller's context, not in the previous statement's.
+    const { db, scope } = f
+    const tag = new AsyncLocalStorage<string>()
+    const seen: (string | undefined)[] = []
+    const patch = (client: pg.PoolClient) => {
+      const query = client.query
+      ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+        if (typeof args[0] === 'string' && args[0].startsWith('select')) seen.push(tag.getStore())
+        return (query as any).apply(this, args)
+      }
+      return () => {
+        ;(client as any).query = query
+      }
+    }
+    let unpatch: (() => void) | undefined
+    const onAcquire = (client: pg.PoolClient) => {
+      unpatch = patch(client)
+    }
+    f.pool.on('acquire', onAcquire)
+    try {
+      await scope.run(
+        () =>
+          Promise.all(
+            ['first', 'second', 'third'].map((name, i) =>
+              tag.run(name, () =>
+                db.selectNoFrom(sql<number>`${i}::int`.as('n')).executeTakeFirstOrThrow(),
+              ),
+            ),
+          ),
+        { transaction: 'none' },
+      )
+    } finally {
+      f.pool.off('acquire', onAcquire)
+      unpatch?.()
+    }
+    expect(seen).toEqual(['first', 'second', 'third'])
   })
 })
 
