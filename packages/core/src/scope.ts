@@ -394,19 +394,9 @@ export class OpenScope<C> {
   }
 
   // A chain, not an async function: one promise less for every scope with a unit of work.
+  // Only when endNow() could not end it, so there is a session (one without ends at once).
   #end(commit: boolean): Promise<SessionOutcome> {
-    const s = this.#session
-    if (!s) {
-      // endNow() ends a scope without a session; this is for completeness.
-      try {
-        this.#checkCommitted(commit, s)
-        return Promise.resolve('empty')
-      } catch (e) {
-        return Promise.reject(e)
-      } finally {
-        this.#finishEnd()
-      }
-    }
+    const s = this.#session as Session<C>
     return s.close({ commit }).then(
       (outcome) => {
         try {

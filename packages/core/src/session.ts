@@ -305,13 +305,7 @@ export class Session<C = unknown> {
 
   /** `fn` on the connection now; the use ends when its promise settles. */
   #useWith<T>(fn: (conn: C) => Promise<T>, conn: C): Promise<T> {
-    let running: Promise<T>
-    try {
-      running = Promise.resolve(fn(conn))
-    } catch (e) {
-      running = Promise.reject(e)
-    }
-    return running.then(
+    return called(fn, conn).then(
       (result) => {
         if (!this.#began) {
           this.#useEnded()
@@ -339,13 +333,7 @@ export class Session<C = unknown> {
     resolve: (r: T) => void,
     reject: (e: unknown) => void,
   ): void {
-    let running: Promise<T>
-    try {
-      running = Promise.resolve(fn(conn))
-    } catch (e) {
-      running = Promise.reject(e)
-    }
-    running.then(
+    called(fn, conn).then(
       (result) => {
         this.#useEnded()
         resolve(result)
@@ -1258,6 +1246,15 @@ export class Session<C = unknown> {
       ? ['Closed at', this.#closedAt]
       : ['First statement at', this.#firstSite]
     return new SessionClosedError(this, call, how, site && { label, stack: userFrames(site.stack) })
+  }
+}
+
+/** `fn(conn)` as a promise: a synchronous throw becomes its rejection. */
+function called<C, T>(fn: (conn: C) => Promise<T>, conn: C): Promise<T> {
+  try {
+    return Promise.resolve(fn(conn))
+  } catch (e) {
+    return Promise.reject(e)
   }
 }
 
