@@ -76,9 +76,8 @@ function turnEnded(client: pg.PoolClient): void {
  */
 export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<T> {
   if (isPipelined(client)) return fn()
-  if (queues.get(client) === undefined) {
-    // Nothing queued: run now; the statement's end frees the client for the next one.
-    queues.set(client, busy)
+  // `fn` in its turn: its end (or a synchronous throw) frees the client for the next one.
+  const start = (): Promise<T> => {
     let run: Promise<T>
     try {
       run = fn()
@@ -90,26 +89,20 @@ export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<
     run.then(ended, ended)
     return run
   }
+  if (queues.get(client) === undefined) {
+    queues.set(client, busy)
+    return start()
+  }
   return new Promise<T>((resolve, reject) => {
     inTurn(client, () => {
       let run: Promise<T>
       try {
-        run = fn()
+        run = start()
       } catch (e) {
-        turnEnded(client)
         reject(e)
         return
       }
-      run.then(
-        (v) => {
-          turnEnded(client)
-          resolve(v)
-        },
-        (e: unknown) => {
-          turnEnded(client)
-          reject(e)
-        },
-      )
+      run.then(resolve, reject)
     })
   })
 }

@@ -40,6 +40,31 @@ const settled = async () => {
   expect(left.filter((b) => b.state.startsWith('idle in transaction'))).toEqual([])
 }
 
+/**
+ * In a `'none'` scope that already holds its connection: `fn` with the client's
+ * `query` replaced by `wrap(original)`, which is put back afterwards.
+ */
+async function onHeldClient(
+  wrap: (query: (...args: any[]) => any) => (this: pg.PoolClient, ...args: any[]) => any,
+  fn: (pool: ReturnType<typeof scopedPool>, client: pg.PoolClient) => Promise<unknown>,
+): Promise<void> {
+  await scope.run(
+    async () => {
+      const pool = scopedPool(scope)
+      await pool.query('SELECT 1') // the connection is held from here on
+      const client = await scope.getSession().connection()
+      const query = client.query
+      ;(client as any).query = wrap(query as any)
+      try {
+        await fn(pool, client)
+      } finally {
+        ;(client as any).query = query
+      }
+    },
+    { transaction: 'none' },
+  )
+}
+
 describe('scopedPool.query()', () => {
   const db = () => scopedPool(scope)
 
@@ -74,38 +99,29 @@ describe('scopedPool.query()', () => {
     // count the statements on the wire at once.
     let onWire = 0
     let most = 0
-    await scope.run(
-      async () => {
-        const pool = db()
-        await pool.query('SELECT 1') // the connection is held from here on
-        const client = await scope.getSession().connection()
-        const query = client.query
-        const ended = () => void onWire--
-        ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+    const ended = () => void onWire--
+    await onHeldClient(
+      (query) =>
+        function (this: pg.PoolClient, ...args: any[]) {
           most = Math.max(most, ++onWire)
           const callback = typeof args.at(-1) === 'function' ? args.pop() : undefined
           if (callback) {
-            return (query as any).call(this, ...args, (e: unknown, r: unknown) => {
+            return query.call(this, ...args, (e: unknown, r: unknown) => {
               ended()
               callback(e, r)
             })
           }
-          const sent = (query as any).apply(this, args) as Promise<unknown>
+          const sent = query.apply(this, args) as Promise<unknown>
           sent.then(ended, ended)
           return sent
-        }
-        try {
-          await Promise.all([
-            pool.query("INSERT INTO items (v) SELECT 'slow' FROM pg_sleep(0.05)"),
-            pool.query("INSERT INTO items (v) VALUES ('fast 1')"),
-            serial(client, () => client.query("INSERT INTO items (v) VALUES ('serial')")),
-            pool.query("INSERT INTO items (v) VALUES ('fast 2')"),
-          ])
-        } finally {
-          ;(client as any).query = query
-        }
-      },
-      { transaction: 'none' },
+        },
+      (pool, client) =>
+        Promise.all([
+          pool.query("INSERT INTO items (v) SELECT 'slow' FROM pg_sleep(0.05)"),
+          pool.query("INSERT INTO items (v) VALUES ('fast 1')"),
+          serial(client, () => client.query("INSERT INTO items (v) VALUES ('serial')")),
+          pool.query("INSERT INTO items (v) VALUES ('fast 2')"),
+        ]),
     )
     expect(await committed()).toEqual(['slow', 'fast 1', 'serial', 'fast 2'])
     expect(most).toBe(1)
@@ -118,28 +134,19 @@ describe('scopedPool.query()', () => {
     // statement's callback, in the context of whatever the connection's socket was made in.
     const tag = new AsyncLocalStorage<string>()
     const seen: (string | undefined)[] = []
-    await scope.run(
-      async () => {
-        const pool = db()
-        await pool.query('SELECT 1') // the connection is held from here on
-        const client = await scope.getSession().connection()
-        const query = client.query
-        ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+    await onHeldClient(
+      (query) =>
+        function (this: pg.PoolClient, ...args: any[]) {
           seen.push(tag.getStore())
-          return (query as any).apply(this, args)
-        }
-        try {
-          await Promise.all([
-            tag.run('first', () => pool.query('SELECT pg_sleep(0.02)')),
-            tag.run('second', () => pool.query('SELECT 2')),
-            tag.run('third', () => serial(client, () => client.query('SELECT 3'))),
-            tag.run('fourth', () => pool.query({ text: 'SELECT 4' })),
-          ])
-        } finally {
-          ;(client as any).query = query
-        }
-      },
-      { transaction: 'none' },
+          return query.apply(this, args)
+        },
+      (pool, client) =>
+        Promise.all([
+          tag.run('first', () => pool.query('SELECT pg_sleep(0.02)')),
+          tag.run('second', () => pool.query('SELECT 2')),
+          tag.run('third', () => serial(client, () => client.query('SELECT 3'))),
+          tag.run('fourth', () => pool.query({ text: 'SELECT 4' })),
+        ]),
     )
     expect(seen).toEqual(['first', 'second', 'third', 'fourth'])
   })
