@@ -9,7 +9,7 @@ import { createScope, type Scope, ScopeAbortedError } from '@scoped/core'
 import { kyselyDriver, scopedKysely } from '@scoped/kysely'
 import { CompiledQuery, type DatabaseConnection, PostgresDialect, SqliteDialect } from 'kysely'
 import pg from 'pg'
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
 import { independentQuery, testDatabase } from '../../../test/support/db.ts'
 
 let url: string
@@ -168,6 +168,9 @@ describe('kyselyDriver with createScope', () => {
     expect(err).toBeInstanceOf(ScopeAbortedError)
     expect(err.kind).toBe('timeout')
     expect(err.cause.code).toBe('57014')
+    // The connection goes back once the cancel request itself is done (a cancel still in flight
+    // could hit the next holder's statement), which may be a moment after the job rejected.
+    await vi.waitFor(() => expect(pool.totalCount - pool.idleCount).toBe(0))
   })
 })
 
