@@ -431,6 +431,29 @@ describe('a checkout that fails, times out or is aborted while others joined it'
     expect(driver.releases[0]!.busy).toBe(0)
   })
 
+  // BUG (low; pre-dates the rewrite): the contract says "remove(): the next getSession() opens
+  // a new one", but until the removed session has finished closing (it waits for its running
+  // uses), getSession() hands the closing session back (scope.ts, OpenScope.getSession: `s &&
+  // !(this.#removed && s.state === 'closed')`), and its use() fails with SessionClosedError
+  // "closed by remove()". Only a remove() that is not awaited shows it.
+  it.fails('remove() not awaited while a use runs: the next getSession() is a new session that works', async () => {
+    const { driver, scope } = make(new FakeDriver(), { transaction: 'none' })
+    await scope.run(async () => {
+      const s1 = scope.getSession()
+      const running = s1.use(async (c) => driver.query(c, 'A', { ms: 10 }))
+      const removing = scope.remove()
+      try {
+        const s2 = scope.getSession()
+        expect(s2).not.toBe(s1)
+        await expect(s2.use(async (c) => driver.query(c, 'B'))).resolves.toBe('B')
+      } finally {
+        await running
+        await removing
+      }
+    })
+    expect(driver.checkedOut).toBe(0)
+  })
+
   it('end() while the first use waits for its checkout: the use runs, then the end commits and releases once', async () => {
     const { driver, scope } = make()
     const gate = gateAcquire(driver)
@@ -485,6 +508,51 @@ describe('BEGIN failing under waiting uses (auto)', () => {
     })
     expect(results).toEqual([err, err])
     expect(driver.conns[0]!.log.filter((l) => l === 'A' || l === 'B')).toEqual([])
+    expect(driver.releases).toHaveLength(1)
+    expect(driver.releases[0]!.destroy).toBe(true)
+  })
+})
+
+describe('pipelined BEGIN (driver.pipelined)', () => {
+  // BUG (pre-dates the rewrite, kept by it): a pipelined BEGIN that failed stays in `#began`
+  // (#pipelineBegin's failure handler, session.ts:606-610, clears `#ready` only; #beganOrThrow
+  // clears it only on success). A plain use() afterwards starts a new pipelined BEGIN, which
+  // replaces it, but transaction(fn) opens its BEGIN through #begin and leaves the stale one: every
+  // use() inside fn goes through #afterBegan (session.ts:314/322) and rejects with the OLD BEGIN's
+  // error although its own BEGIN and statement succeeded, so the transaction rolls back.
+  it.fails('after a failed pipelined BEGIN whose error was handled, transaction(fn) runs and commits normally', async () => {
+    const driver = new FakeDriver()
+    ;(driver as unknown as { pipelined: () => boolean }).pipelined = () => true
+    const { scope } = make(driver)
+    const beginErr = new Error('BEGIN failed')
+    driver.failNext('begin', beginErr)
+    const out = await scope.run(async () => {
+      const s = scope.getSession()
+      const first = await s.use(async (c) => driver.query(c, 'A')).catch((e: unknown) => e)
+      const inTx = await s
+        .transaction(async () => s.use(async (c) => driver.query(c, 'B')))
+        .catch((e: unknown) => e)
+      return [first, inTx]
+    })
+    expect(out).toEqual([beginErr, 'B'])
+    expect(driver.conns[0]!.log.slice(2)).toEqual(['BEGIN', 'B', 'COMMIT'])
+  })
+
+  it('after a failed pipelined BEGIN whose error was handled, the next statement begins a new unit that commits', async () => {
+    const driver = new FakeDriver()
+    ;(driver as unknown as { pipelined: () => boolean }).pipelined = () => true
+    const { scope } = make(driver)
+    const beginErr = new Error('BEGIN failed')
+    driver.failNext('begin', beginErr)
+    const out = await scope.run(async () => {
+      const s = scope.getSession()
+      const first = await s.use(async (c) => driver.query(c, 'A')).catch((e: unknown) => e)
+      const second = await s.use(async (c) => driver.query(c, 'C'))
+      return [first, second]
+    })
+    expect(out).toEqual([beginErr, 'C'])
+    expect(driver.conns[0]!.log).toEqual(['BEGIN', 'A', 'BEGIN', 'C', 'COMMIT'])
+    // The failed BEGIN left the connection's state in doubt: destroyed at the end, once.
     expect(driver.releases).toHaveLength(1)
     expect(driver.releases[0]!.destroy).toBe(true)
   })
