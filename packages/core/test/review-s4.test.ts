@@ -183,6 +183,68 @@ describe('Zalgo: errors come back as rejections, never as throws', () => {
     },
   )
 
+  // BUG (new with the rewrite; the old use() was an async function with a finally): use() counts
+  // the use (#inFlight, #running, #waiting) and then calls `(this.#ready ?? this.#prepare())`
+  // synchronously (session.ts:293). In 'auto' with the connection held and no unit open (after
+  // commit(), or after a BEGIN failed), #prepare → #openUnit → #beginUnit calls
+  // `driver.pipelined(conn)` synchronously (session.ts:585): if it throws, use() throws instead of
+  // rejecting, and the counts are never taken back, so close() waits for a use that will never
+  // end: the scope's end never settles and the connection is never released.
+  it.fails("a driver's pipelined() that throws: use() rejects, and the scope's end still settles and releases", async () => {
+    const { driver, scope } = make()
+    let calls = 0
+    ;(driver as unknown as { pipelined: () => boolean }).pipelined = () => {
+      if (++calls === 2) throw new Error('pipelined() broke')
+      return false
+    }
+    const open = scope.open()
+    let how = ''
+    await open.enter(async () => {
+      const s = scope.getSession()
+      await s.use(async (c) => driver.query(c, 'A'))
+      await s.commit()
+      try {
+        await s
+          .use(async (c) => driver.query(c, 'B'))
+          .catch((e: Error) => {
+            how = `rejected: ${e.message}`
+          })
+      } catch (e) {
+        how = `threw: ${(e as Error).message}`
+      }
+    })
+    const ended = await Promise.race([
+      open.end({ commit: true }).catch((e: unknown) => e),
+      new Promise((res) => setTimeout(() => res('end hung'), 300)),
+    ])
+    expect(how).toBe('rejected: pipelined() broke')
+    expect(ended).not.toBe('end hung')
+    expect(driver.checkedOut).toBe(0)
+  })
+
+  // BUG (new with the rewrite): #useFailed (session.ts:360) asks the driver's isFatal() before it
+  // ends the use (#useEnded at :370); the old use() ended it in a finally. If isFatal() throws,
+  // the use rejects with that error but stays counted, and the scope's end waits forever.
+  it.fails("a driver's isFatal() that throws: the use rejects, and the scope's end still settles and releases", async () => {
+    const { driver, scope } = make(new FakeDriver(), { transaction: 'none' })
+    driver.isFatal = () => {
+      throw new Error('isFatal() broke')
+    }
+    const open = scope.open()
+    const r = await open
+      .enter(() =>
+        scope.getSession().use(async (c) => driver.query(c, 'A', { fail: new Error('syntax') })),
+      )
+      .catch((e: unknown) => e)
+    expect(r).toBeInstanceOf(Error)
+    const ended = await Promise.race([
+      open.end({ commit: true }).catch((e: unknown) => e),
+      new Promise((res) => setTimeout(() => res('end hung'), 300)),
+    ])
+    expect(ended).not.toBe('end hung')
+    expect(driver.checkedOut).toBe(0)
+  })
+
   it("a driver's release that throws synchronously is reported once; the scope still resolves", async () => {
     const onError = vi.fn()
     const { driver, scope } = make(new FakeDriver(), { onError })
@@ -453,6 +515,28 @@ describe('a checkout that fails, times out or is aborted while others joined it'
     })
     expect(driver.checkedOut).toBe(0)
   })
+
+  it.each(['none', 'auto'] as const)(
+    "end() while only connection() waits for its checkout: connection() rejects with SessionClosedError, the late connection goes back unused (transaction: '%s')",
+    async (transaction) => {
+      const { driver, scope } = make(new FakeDriver(), { transaction })
+      const gate = gateAcquire(driver)
+      const open = scope.open()
+      let conn!: Promise<unknown>
+      await open.enter(async () => {
+        conn = scope
+          .getSession()
+          .connection()
+          .catch((e: unknown) => e)
+      })
+      await expect(open.end({ commit: true })).resolves.toBe('empty')
+      gate.land()
+      expect(await conn).toBeInstanceOf(SessionClosedError)
+      await vi.waitFor(() => expect(driver.checkedOut).toBe(0))
+      expect(driver.events).toEqual(['acquire', 'release'])
+      expect(scope.stats().holding).toBe(0)
+    },
+  )
 
   it('end() while the first use waits for its checkout: the use runs, then the end commits and releases once', async () => {
     const { driver, scope } = make()
