@@ -38,9 +38,33 @@ afterAll(async () => {
   await Promise.all(scopes.map((s) => s.close()))
 })
 
+/** A cursor for `.stream()` (pg-cursor is not a dependency): one pg Query, rows handed out n at a time. */
+class ChunkedCursor<T> extends pg.Query {
+  rows: Promise<T[]>
+  at = 0
+  constructor(text: string, values: unknown[]) {
+    super(text, values)
+    this.rows = new Promise<T[]>((resolve, reject) => {
+      ;(this as unknown as { callback: (e?: Error, r?: { rows: T[] }) => void }).callback = (
+        e,
+        r,
+      ) => (e ? reject(e) : resolve(r!.rows))
+    })
+    this.rows.catch(() => {})
+  }
+  async read(n: number): Promise<T[]> {
+    const rows = await this.rows
+    this.at += n
+    return rows.slice(this.at - n, this.at)
+  }
+  async close(): Promise<void> {
+    await this.rows.catch(() => {})
+  }
+}
+
 function setup(opts: { transaction: 'none' | 'auto'; release?: 'end' | 'idle' }) {
   pool = new pg.Pool({ connectionString: url, max: 2 })
-  const dialect = new PostgresDialect({ pool })
+  const dialect = new PostgresDialect({ pool, cursor: ChunkedCursor })
   const scope = createScope({
     driver: kyselyDriver(dialect, { pool }),
     default: false,
@@ -140,5 +164,32 @@ describe("ScopedDriver with release: 'idle'", () => {
       "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
     )
     expect(stuck[0]!.n).toBe(0)
+  })
+
+  it('a stream keeps the connection until its last row, then it goes back; the next statement checks out again', async () => {
+    const { scope, db } = setup({ transaction: 'none', release: 'idle' })
+    await independentQuery(
+      url,
+      "INSERT INTO items (v) SELECT 'row ' || g FROM generate_series(1, 30) g",
+    )
+    const out = await scope.run(async () => {
+      const heldDuring: number[] = []
+      const pids = new Set<number>()
+      for await (const row of db.selectFrom('items').select(['v', 'pid']).stream(5)) {
+        pids.add(row.pid)
+        if (heldDuring.length < 3) {
+          await new Promise((r) => setTimeout(r, 2))
+          heldDuring.push(pool.totalCount - pool.idleCount)
+        }
+      }
+      const after = pool.totalCount - pool.idleCount
+      const { n } = await db
+        .selectFrom('items')
+        .select((eb) => eb.fn.countAll<string>().as('n'))
+        .executeTakeFirstOrThrow()
+      return { heldDuring, after, n: Number(n) }
+    })
+    expect(out).toEqual({ heldDuring: [1, 1, 1], after: 0, n: 30 })
+    expect(pool.totalCount).toBe(pool.idleCount)
   })
 })
