@@ -74,6 +74,29 @@ describe('scopedPool: the per-client queue', () => {
     expect(next).not.toBe('timed out')
   })
 
+  it("a statement failing in the middle of a queue ('auto'): those behind it fail, the scope rolls back everything, the client is reused clean", async () => {
+    const results = await scope
+      .run(async () => {
+        const db = scopedPool(scope)
+        const settled = await Promise.allSettled([
+          db.query("INSERT INTO items (v) SELECT 'a' FROM pg_sleep(0.02)"),
+          db.query('SELECT * FROM no_such_table'),
+          db.query("INSERT INTO items (v) VALUES ('b')"),
+        ])
+        const statuses = settled.map((r) => r.status)
+        throw Object.assign(new Error('handler saw a failure'), { statuses })
+      })
+      .catch((e: { statuses?: string[] }) => e.statuses)
+    expect(results).toEqual(['fulfilled', 'rejected', 'rejected'])
+    expect(await committed()).toEqual([])
+    // max: 1, so the same client: no transaction left open on it, not left waiting for a turn.
+    const next = await within(
+      scope.run(() => scopedPool(scope).query("INSERT INTO items (v) VALUES ('next') RETURNING v")),
+    )
+    expect((next as pg.QueryResult).rows).toEqual([{ v: 'next' }])
+    expect(await committed()).toEqual(['next'])
+  })
+
   it('the backend terminated under a queue: every queued statement rejects (none hangs), the next session gets a working connection', async () => {
     const r = await within(
       scope.run(async () => {
