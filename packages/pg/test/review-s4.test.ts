@@ -5,6 +5,7 @@
  * with a function that throws or returns no promise. Tests marked `it.fails`
  * document a bug (see their comments) and turn red once it is fixed.
  */
+import { AsyncLocalStorage } from 'node:async_hooks'
 import { createScope } from '@scoped/core'
 import { pgDriver, scopedPool, serial } from '@scoped/pg'
 import pg from 'pg'
@@ -189,5 +190,51 @@ describe('scopedPool: the per-client queue', () => {
       { transaction: 'none' },
     )
     expect(out.rows).toEqual([{ three: 3 }])
+  })
+
+  it("a session that waited for the pool's only client runs its fn, BEGIN, statements and COMMIT in its own caller's async context", async () => {
+    // pg-pool hands a waiting checkout the client from the previous holder's release(), in that
+    // holder's async context: nothing the next session sends may run in it.
+    const tag = new AsyncLocalStorage<string>()
+    const sent: string[] = []
+    const inFn: (string | undefined)[] = []
+    const patched = new WeakSet<pg.PoolClient>()
+    const onAcquire = (client: pg.PoolClient) => {
+      if (patched.has(client)) return
+      patched.add(client)
+      const query = client.query
+      ;(client as any).query = function (this: pg.PoolClient, ...args: any[]) {
+        const text = typeof args[0] === 'string' ? args[0] : args[0]?.text
+        sent.push(`${tag.getStore()}: ${String(text).split(/[;\s]/)[0]}`)
+        return (query as any).apply(this, args)
+      }
+    }
+    pool.on('acquire', onAcquire)
+    try {
+      const a = tag.run('A', () =>
+        scope.run(async () => {
+          await scopedPool(scope).query('SELECT 1')
+          await new Promise((r) => setTimeout(r, 30))
+        }),
+      )
+      await new Promise((r) => setTimeout(r, 10))
+      expect(scope.stats().holding).toBe(1)
+      const b = tag.run('B', () =>
+        scope.run(async () => {
+          await scope.getSession().use(async (c) => {
+            inFn.push(tag.getStore())
+            return c.query('SELECT 2')
+          })
+          await scopedPool(scope).query('SELECT 3')
+        }),
+      )
+      await Promise.all([a, b])
+    } finally {
+      pool.off('acquire', onAcquire)
+    }
+    expect(inFn).toEqual(['B'])
+    const ofB = sent.slice(sent.lastIndexOf('A: COMMIT') + 1)
+    expect(ofB.length).toBeGreaterThanOrEqual(4)
+    expect(ofB.every((line) => line.startsWith('B: '))).toBe(true)
   })
 })
