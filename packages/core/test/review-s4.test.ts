@@ -245,6 +245,24 @@ describe('Zalgo: errors come back as rejections, never as throws', () => {
     expect(driver.checkedOut).toBe(0)
   })
 
+  // BUG (low; pre-dates the rewrite): the close chain passes "the failure" as a value and tests
+  // `failure !== undefined` (andThen → #finishClose, session.ts:1104/1117). A COMMIT that rejects
+  // with `undefined` (`Promise.reject()`, a driver rethrowing a missing error) is then taken for a
+  // success: ROLLBACK is sent, yet the outcome is 'committed' and end({ commit: true }) resolves.
+  // Fix: pass a separate `failed` flag (or wrap a non-Error rejection) along the chain.
+  it.fails('a COMMIT that rejects with undefined is not reported as committed', async () => {
+    const { driver, scope } = make()
+    driver.commit = () => Promise.reject(undefined)
+    const open = scope.open()
+    await open.enter(() => scope.getSession().use(async (c) => driver.query(c, 'A')))
+    const r = await open.end({ commit: true }).then(
+      (outcome) => outcome,
+      () => 'rejected',
+    )
+    expect(driver.conns[0]!.log).toEqual(['BEGIN', 'A', 'ROLLBACK'])
+    expect(r).toBe('rejected')
+  })
+
   it("a driver's release that throws synchronously is reported once; the scope still resolves", async () => {
     const onError = vi.fn()
     const { driver, scope } = make(new FakeDriver(), { onError })
