@@ -123,7 +123,11 @@ export interface Scope<C> {
   runJob<T>(fn: () => Promise<T>, opts?: JobOptions): Promise<T>
   /** Run `fn` as a job forever, until `signal` aborts (after the current iteration) or the scope closes. */
   loop(fn: () => Promise<void>, opts: LoopOptions): Promise<void>
-  /** Close the current session now (rolling back what is not committed); the next `getSession()` opens a new one. */
+  /**
+   * Close the current session now (rolling back what is not committed); the next
+   * `getSession()` opens a new one. Waits for the session's running uses, so never
+   * `await` it inside a `use()` callback (it would wait for itself).
+   */
   remove(): Promise<void>
   /** For adapters: open a scope whose end the caller controls. */
   open(opts?: OpenOptions): OpenScope<C>
@@ -292,7 +296,9 @@ export class OpenScope<C> {
         undefined,
       )
     }
-    if (s && !(this.#removed && s.state === 'closed')) return s
+    // After remove(), the removed session only until its close() began: even while that still
+    // waits for a running use, the next getSession() gets a new one.
+    if (s && !(this.#removed && s.closeRequested)) return s
     this.#removed = false
     const session = new Session(this.#scope.core, this, this.#mode, this.#releaseIdle)
     this.#session = session

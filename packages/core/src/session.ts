@@ -182,6 +182,11 @@ export class Session<C = unknown> {
   }
 
   /** How the session ended, once it is closed. */
+  /** @internal close() was called (it may still wait for running work), or it is closed. */
+  get closeRequested(): boolean {
+    return this.#closeRequested || this.#phase === 'closed'
+  }
+
   /** @internal True inside transaction(fn) (or a savepoint), where close() would wait for itself. */
   get inExplicitTransaction(): boolean {
     return this.#tx.some((f) => f.explicit)
@@ -575,7 +580,13 @@ export class Session<C = unknown> {
     // A chain, not an async function: one promise less for every unit of work on Node 20.
     const conn = this.#conn
     if (conn === undefined) return this.#checkout().then((c) => this.#beginUnit(c))
-    const begun = this.#beginUnit(conn)
+    let begun: C | Promise<C>
+    try {
+      begun = this.#beginUnit(conn)
+    } catch (e) {
+      // A driver's pipelined() that throws: a rejection like any failed BEGIN, never a throw.
+      return Promise.reject(e)
+    }
     return begun === conn ? Promise.resolve(conn) : (begun as Promise<C>)
   }
 
@@ -586,7 +597,18 @@ export class Session<C = unknown> {
       this.#pipelineBegin(conn)
       return conn
     }
-    return this.#begin({}, false, () => this.#conn as C)
+    return this.#begin({}, false, () => this.#connAfterBegin())
+  }
+
+  /**
+   * The connection a BEGIN just answered on, for those who waited on it; a
+   * SessionClosedError when it was taken meanwhile (maxHoldMs, a shutdown):
+   * nobody's `fn` may run for a closed session.
+   */
+  #connAfterBegin(): C {
+    const conn = this.#conn
+    if (conn === undefined || this.#phase === 'closed') throw this.#closedError('use()')
+    return conn
   }
 
   /**
@@ -757,13 +779,12 @@ export class Session<C = unknown> {
           fail(e)
           return
         }
+        // Joiners first: resolving only queues their reactions, so `fn` of the party that
+        // started the checkout still runs first, and a use `fn` issues at once queues behind them.
         const join = this.#joinResolve
         this.#unjoin()
-        try {
-          onConn(conn)
-        } finally {
-          join?.(conn)
-        }
+        join?.(conn)
+        onConn(conn)
       },
       (e) => {
         if (done) return
@@ -819,9 +840,13 @@ export class Session<C = unknown> {
       afterRollback: this.#pending?.afterRollback ?? noHooks,
     }
     this.#pending = undefined
+    // A pipelined BEGIN of an earlier unit that failed is over (its error went to its own
+    // statements): what runs in this unit waits on this BEGIN only.
+    this.#began = undefined
     // Pushed before BEGIN resolves, so concurrent first statements see the transaction.
     this.#tx.push(frame)
-    const failed = (e: unknown): never => {
+    const failed = (reason: unknown): never => {
+      const e = asFailure(reason, 'BEGIN', this)
       this.#tx.length = 0
       this.#pending = frame
       this.#noteError(conn, e)
@@ -841,6 +866,9 @@ export class Session<C = unknown> {
     const attempts = opts.retry?.attempts ?? 1
     const backoffMs = opts.retry?.backoffMs ?? 10
     for (let attempt = 1; ; attempt++) {
+      // maxHoldMs or a shutdown may have taken the connection during the backoff.
+      const closed = attempt > 1 ? this.#unusable('transaction()') : undefined
+      if (closed) throw closed
       await this.#checkout()
       if (this.#ready) await this.#ready
       if (this.#tx.length > 0) {
@@ -1028,7 +1056,9 @@ export class Session<C = unknown> {
     )
   }
 
-  async #commitFailed(conn: C, root: TxFrame, e: unknown): Promise<never> {
+  async #commitFailed(conn: C, root: TxFrame, reason: unknown): Promise<never> {
+    // Rejected with nothing: still a failure (undefined would read as "no failure" below).
+    const e = asFailure(reason, 'COMMIT', this)
     this.#noteError(conn, e)
     // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
     await this.#rollbackQuietly(conn)
@@ -1101,6 +1131,12 @@ export class Session<C = unknown> {
 
   /** The transaction (if any) has ended: release the connection, into 'closed'. */
   #finishClose(conn: C | undefined, wantCommit: boolean, failure: unknown): SessionOutcome {
+    if (this.#phase === 'closed') {
+      // Taken by force (a shutdown's timeout) while its COMMIT or ROLLBACK ran: the connection
+      // is gone already, and the outcome is 'destroyed'.
+      if (failure !== undefined) throw failure
+      return this.#outcome!
+    }
     const committed = wantCommit && failure === undefined
     const destroy = this.#broken !== undefined || this.#dirty
     this.#outcome =
@@ -1180,18 +1216,30 @@ export class Session<C = unknown> {
     if (this.#phase !== 'holding' || this.#closeRequested || this.#pinned) return
     if (this.#tx.length > 0 || this.#running > 0) return
     const conn = this.#conn as C
-    const destroy = this.#broken !== undefined || this.#dirty
-    this.#finishRelease(conn, destroy, this.#broken)
+    const broken = this.#broken
+    const destroy = broken !== undefined || this.#dirty
+    // All of it before the driver hears of the release: the release may end the scope there
+    // (a pool listener, shutdown code), which must find the session idle, not half-released.
     this.#to('idleRelease')
     this.#heldBefore = true
     if (destroy) this.#destroyedBefore = true
-    // Those belonged to the connection just given back; the next one starts clean.
+    // Those belonged to the connection given back; the next one starts clean.
     this.#broken = undefined
     this.#dirty = false
+    this.#finishRelease(conn, destroy, broken)
   }
 
   #noteError(conn: C, e: unknown): void {
-    if (this.#broken === undefined && this.#core.driver.isFatal?.(conn, e)) this.#broken = e
+    if (this.#broken !== undefined) return
+    let fatal: unknown
+    try {
+      fatal = this.#core.driver.isFatal?.(conn, e)
+    } catch (err) {
+      // A driver that cannot tell: the connection is not trusted (destroyed at release).
+      this.#core.report(err, 'isFatal', this)
+      fatal = true
+    }
+    if (fatal) this.#broken = e
   }
 
   /** @internal `remove()` is closing it: application code, so where is worth a stack. */
@@ -1247,6 +1295,14 @@ export class Session<C = unknown> {
       : ['First statement at', this.#firstSite]
     return new SessionClosedError(this, call, how, site && { label, stack: userFrames(site.stack) })
   }
+}
+
+/** A rejection's reason as a failure: a driver that rejected with nothing still failed. */
+function asFailure(reason: unknown, what: string, session: { readonly name: string }): unknown {
+  if (reason !== undefined && reason !== null) return reason
+  return new Error(
+    `${what} of session '${session.name}' failed: the driver rejected with ${reason} instead of an error.`,
+  )
 }
 
 /** `fn(conn)` as a promise: a synchronous throw becomes its rejection. */

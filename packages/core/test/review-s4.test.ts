@@ -2,8 +2,9 @@
  * Review probes (session 4) of the core's performance rewrite: use() calling fn
  * at once when the connection is held, the callback-based checkout and its
  * joiners, and BEGIN/COMMIT/close as promise chains. Each test states a
- * guarantee a user relies on; those marked `it.fails` document a bug found
- * (see the comment above each) and turn red once the bug is fixed.
+ * guarantee a user relies on. The comments marked "Was a bug" name what the
+ * review found and the lead fixed the same day (each test failed before its
+ * fix); the one `it.fails` is a documented limitation (core README, remove()).
  */
 import { AsyncLocalStorage } from 'node:async_hooks'
 import { afterEach, describe, expect, it, vi } from 'vitest'
@@ -183,14 +184,14 @@ describe('Zalgo: errors come back as rejections, never as throws', () => {
     },
   )
 
-  // BUG (new with the rewrite; the old use() was an async function with a finally): use() counts
+  // Was a bug (new with the rewrite; the old use(; fixed) was an async function with a finally): use() counts
   // the use (#inFlight, #running, #waiting) and then calls `(this.#ready ?? this.#prepare())`
   // synchronously (session.ts:293). In 'auto' with the connection held and no unit open (after
   // commit(), or after a BEGIN failed), #prepare → #openUnit → #beginUnit calls
   // `driver.pipelined(conn)` synchronously (session.ts:585): if it throws, use() throws instead of
   // rejecting, and the counts are never taken back, so close() waits for a use that will never
   // end: the scope's end never settles and the connection is never released.
-  it.fails("a driver's pipelined() that throws: use() rejects, and the scope's end still settles and releases", async () => {
+  it("a driver's pipelined() that throws: use() rejects, and the scope's end still settles and releases", async () => {
     const { driver, scope } = make()
     let calls = 0
     ;(driver as unknown as { pipelined: () => boolean }).pipelined = () => {
@@ -222,11 +223,12 @@ describe('Zalgo: errors come back as rejections, never as throws', () => {
     expect(driver.checkedOut).toBe(0)
   })
 
-  // BUG (new with the rewrite): #useFailed (session.ts:360) asks the driver's isFatal() before it
+  // Was a bug (new with the rewrite; fixed): #useFailed (session.ts:360) asks the driver's isFatal() before it
   // ends the use (#useEnded at :370); the old use() ended it in a finally. If isFatal() throws,
   // the use rejects with that error but stays counted, and the scope's end waits forever.
-  it.fails("a driver's isFatal() that throws: the use rejects, and the scope's end still settles and releases", async () => {
-    const { driver, scope } = make(new FakeDriver(), { transaction: 'none' })
+  it("a driver's isFatal() that throws: the use rejects, and the scope's end still settles and releases", async () => {
+    const onError = vi.fn()
+    const { driver, scope } = make(new FakeDriver(), { transaction: 'none', onError })
     driver.isFatal = () => {
       throw new Error('isFatal() broke')
     }
@@ -243,14 +245,21 @@ describe('Zalgo: errors come back as rejections, never as throws', () => {
     ])
     expect(ended).not.toBe('end hung')
     expect(driver.checkedOut).toBe(0)
+    // The driver could not tell whether the connection survived: it is not reused, and the
+    // isFatal() failure is reported where the application hears of errors.
+    expect(driver.releases.map((r) => r.destroy)).toEqual([true])
+    expect(onError).toHaveBeenCalledWith(
+      expect.objectContaining({ message: 'isFatal() broke' }),
+      expect.objectContaining({ during: 'isFatal' }),
+    )
   })
 
-  // BUG (low; pre-dates the rewrite): the close chain passes "the failure" as a value and tests
+  // Was a bug (low; pre-dates the rewrite; fixed): the close chain passes "the failure" as a value and tests
   // `failure !== undefined` (andThen → #finishClose, session.ts:1104/1117). A COMMIT that rejects
   // with `undefined` (`Promise.reject()`, a driver rethrowing a missing error) is then taken for a
   // success: ROLLBACK is sent, yet the outcome is 'committed' and end({ commit: true }) resolves.
   // Fix: pass a separate `failed` flag (or wrap a non-Error rejection) along the chain.
-  it.fails('a COMMIT that rejects with undefined is not reported as committed', async () => {
+  it('a COMMIT that rejects with undefined is not reported as committed', async () => {
     const { driver, scope } = make()
     driver.commit = () => Promise.reject(undefined)
     const open = scope.open()
@@ -339,13 +348,13 @@ describe('call order around a checkout or a BEGIN', () => {
     expect(driver.releases.map((r) => r.busy)).toEqual([0, 0])
   })
 
-  // BUG (new with the rewrite): in 'none' mode the first use's fn is called inside the checkout's
+  // Was a bug (new with the rewrite; fixed): in 'none' mode the first use's fn is called inside the checkout's
   // reaction (session.ts:763, `onConn(conn)`), and only after it returns are the uses that joined
   // the checkout let go (`finally { join?.(conn) }`, session.ts:765). A use that fn issues
   // synchronously finds the connection held, queues on `Promise.resolve(conn)` (#checkout,
   // session.ts:651) and so gets its turn before the joiner's reaction is even queued: C (called
   // after B) starts before B. 'auto' is not affected (every waiter waits on the one #ready).
-  it.fails("'none': a use issued synchronously inside the first fn starts after the uses that joined the checkout", async () => {
+  it("'none': a use issued synchronously inside the first fn starts after the uses that joined the checkout", async () => {
     const { driver, scope } = make(new FakeDriver(), { transaction: 'none' })
     const gate = gateAcquire(driver)
     const started: string[] = []
@@ -511,12 +520,12 @@ describe('a checkout that fails, times out or is aborted while others joined it'
     expect(driver.releases[0]!.busy).toBe(0)
   })
 
-  // BUG (low; pre-dates the rewrite): the contract says "remove(): the next getSession() opens
+  // Was a bug (low; pre-dates the rewrite; fixed): the contract says "remove(): the next getSession() opens
   // a new one", but until the removed session has finished closing (it waits for its running
   // uses), getSession() hands the closing session back (scope.ts, OpenScope.getSession: `s &&
   // !(this.#removed && s.state === 'closed')`), and its use() fails with SessionClosedError
   // "closed by remove()". Only a remove() that is not awaited shows it.
-  it.fails('remove() not awaited while a use runs: the next getSession() is a new session that works', async () => {
+  it('remove() not awaited while a use runs: the next getSession() is a new session that works', async () => {
     const { driver, scope } = make(new FakeDriver(), { transaction: 'none' })
     await scope.run(async () => {
       const s1 = scope.getSession()
@@ -534,7 +543,7 @@ describe('a checkout that fails, times out or is aborted while others joined it'
     expect(driver.checkedOut).toBe(0)
   })
 
-  // BUG (pre-dates the rewrite): `await scope.remove()` inside a use() callback waits for
+  // Known limitation (documented in the core README): `await scope.remove()` inside a use() callback waits for
   // close(), which waits for the use (#close: `#drained`, session.ts:1070), which waits for
   // remove(): neither ever settles, and the connection is held until maxHoldMs or shutdown.
   // remove() refuses the same self-wait inside transaction(fn) (OpenScope.remove:
@@ -641,13 +650,13 @@ describe('BEGIN failing under waiting uses (auto)', () => {
 })
 
 describe('pipelined BEGIN (driver.pipelined)', () => {
-  // BUG (pre-dates the rewrite, kept by it): a pipelined BEGIN that failed stays in `#began`
+  // Was a bug (pre-dates the rewrite, kept by it; fixed): a pipelined BEGIN that failed stays in `#began`
   // (#pipelineBegin's failure handler, session.ts:606-610, clears `#ready` only; #beganOrThrow
   // clears it only on success). A plain use() afterwards starts a new pipelined BEGIN, which
   // replaces it, but transaction(fn) opens its BEGIN through #begin and leaves the stale one: every
   // use() inside fn goes through #afterBegan (session.ts:314/322) and rejects with the OLD BEGIN's
   // error although its own BEGIN and statement succeeded, so the transaction rolls back.
-  it.fails('after a failed pipelined BEGIN whose error was handled, transaction(fn) runs and commits normally', async () => {
+  it('after a failed pipelined BEGIN whose error was handled, transaction(fn) runs and commits normally', async () => {
     const driver = new FakeDriver()
     ;(driver as unknown as { pipelined: () => boolean }).pipelined = () => true
     const { scope } = make(driver)
@@ -755,13 +764,13 @@ describe('timers and shutdown in the middle of a chain', () => {
     expect(driver.releases[0]!.destroy).toBe(true)
   })
 
-  // BUG (low; pre-dates the rewrite): the unit's BEGIN hands on `this.#conn` when it is answered
+  // Was a bug (low; pre-dates the rewrite; fixed): the unit's BEGIN hands on `this.#conn` when it is answered
   // (#beginUnit → #begin(..., () => this.#conn), session.ts:589). If maxHoldMs took the connection
   // while BEGIN was on the wire, that is undefined, and every use waiting on it calls fn(undefined):
   // user code runs for a closed session (its side effects happen) and learns only from a TypeError
   // on the missing connection. Fix: in use()'s waiting path, reject with #closedError('use()')
   // instead of calling fn when the session was closed (or the connection is not the session's).
-  it.fails('maxHoldMs while a use waits on the BEGIN: fn is never called', async () => {
+  it('maxHoldMs while a use waits on the BEGIN: fn is never called', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 20 })
     const begin = gateOp(driver, 'begin')
     const fn = vi.fn(async (c: FakeConn) => driver.query(c, 'A'))
@@ -776,12 +785,12 @@ describe('timers and shutdown in the middle of a chain', () => {
     expect(fn).not.toHaveBeenCalled()
   })
 
-  // BUG (pre-dates the rewrite, kept by it): transaction(fn, { retry }) goes round its loop
+  // Was a bug (pre-dates the rewrite, kept by it; fixed): transaction(fn, { retry }) goes round its loop
   // (session.ts:843) without asking whether the session is still usable. When maxHoldMs (or a
   // shutdown) took the connection during the backoff, the next attempt's #checkout() starts a
   // checkout from 'closed' and `#to('acquire')` (session.ts:679) throws "cannot acquire while
   // closed (internal state error; please report it)" instead of SessionClosedError.
-  it.fails('maxHoldMs during a retry backoff: transaction() rejects with SessionClosedError, not an internal state error', async () => {
+  it('maxHoldMs during a retry backoff: transaction() rejects with SessionClosedError, not an internal state error', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 20 })
     let attempts = 0
     const r = await scope
@@ -802,13 +811,13 @@ describe('timers and shutdown in the middle of a chain', () => {
     expect(driver.releases).toHaveLength(1)
   })
 
-  // BUG (pre-dates the rewrite, kept by it): scope.close({ timeoutMs }) force-releases a
+  // Was a bug (pre-dates the rewrite, kept by it; fixed): scope.close({ timeoutMs }) force-releases a
   // session whose end is still waiting on its COMMIT or ROLLBACK (forceRelease is allowed from
   // 'closing'); when that settles, #closeIdle's continuation (#finishClose, session.ts:1114)
   // releases the connection it captured a second time, then fails `#to('released')` from
   // 'closed' (session.ts:1115) with an "internal state error". The driver sees two releases of
   // one connection; the scope's end rejects with the internal error.
-  it.fails.each(['commit', 'rollback'] as const)(
+  it.each(['commit', 'rollback'] as const)(
     'shutdown timeout during the %s of an ending scope: the connection is released exactly once, no internal state error',
     async (op) => {
       const onError = vi.fn()
@@ -839,7 +848,7 @@ describe('timers and shutdown in the middle of a chain', () => {
 })
 
 describe("release: 'idle' re-entrancy", () => {
-  // BUG (the order pre-dates the rewrite; the hang is new): #releaseIfIdle (session.ts:1184)
+  // Was a bug (the order pre-dates the rewrite; the hang is new; fixed): #releaseIfIdle (session.ts:1184)
   // calls the driver's release before it moves to 'idle' (`#to('idleRelease')`, :1185). If the
   // release makes the scope end (a driver or pool listener that ends the request, shutdown
   // code), close() finds the session 'holding' without a connection and closes it; back in
@@ -847,7 +856,7 @@ describe("release: 'idle' re-entrancy", () => {
   // that throw escapes #useInto's reaction before `resolve(result)` (session.ts:338-339): the
   // use never settles and the reaction's rejection is unhandled. Fix: move to 'idle' (and
   // clear #conn/#ready) before calling out to the driver, as #finishClose should.
-  it.fails('the scope ended from inside the driver\u2019s release: the use still settles, released once', async () => {
+  it('the scope ended from inside the driver\u2019s release: the use still settles, released once', async () => {
     const { driver, scope } = make(new FakeDriver(), { transaction: 'none', release: 'idle' })
     const open = scope.open()
     const release = driver.release.bind(driver)
