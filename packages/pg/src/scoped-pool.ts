@@ -75,15 +75,29 @@ function turnEnded(client: pg.PoolClient): void {
  * in order, and sends them without waiting for the previous result: `fn` runs at once.
  */
 export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<T> {
-  if (isPipelined(client)) return fn()
+  if (isPipelined(client)) {
+    try {
+      return fn()
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
   // `fn` in its turn: its end (or a synchronous throw) frees the client for the next one.
+  // A rejection, never a throw, on both paths (the client free or not).
   const start = (): Promise<T> => {
     let run: Promise<T>
     try {
       run = fn()
+      if (typeof (run as { then?: unknown } | null | undefined)?.then !== 'function') {
+        // e.g. pg's query(config) with a callback in the config: pg answers through the
+        // callback and returns undefined, and nothing would ever free the client.
+        throw new TypeError(
+          `serial(client, fn): fn must return the statement's promise, got ${run === null ? 'null' : typeof run}`,
+        )
+      }
     } catch (e) {
       turnEnded(client)
-      throw e
+      return Promise.reject(e)
     }
     const ended = () => turnEnded(client)
     run.then(ended, ended)
@@ -95,14 +109,7 @@ export function serial<T>(client: pg.PoolClient, fn: () => Promise<T>): Promise<
   }
   return new Promise<T>((resolve, reject) => {
     inTurn(client, () => {
-      let run: Promise<T>
-      try {
-        run = start()
-      } catch (e) {
-        reject(e)
-        return
-      }
-      run.then(resolve, reject)
+      start().then(resolve, reject)
     })
   })
 }
@@ -205,10 +212,14 @@ export function scopedPool(
   return Object.freeze({
     scope,
     query(text: any, values?: any, callback?: unknown): Promise<any> {
-      if (typeof values === 'function' || typeof callback === 'function') {
+      if (
+        typeof values === 'function' ||
+        typeof callback === 'function' ||
+        typeof (text as { callback?: unknown } | null)?.callback === 'function'
+      ) {
         return Promise.reject(
           new TypeError(
-            'scopedPool.query(): callbacks are not supported; use the returned promise',
+            'scopedPool.query(): callbacks are not supported (as an argument or as config.callback); use the returned promise',
           ),
         )
       }

@@ -2,8 +2,8 @@
  * Review probes (session 4) of scopedPool's per-client statement queue
  * (`queues`, `inTurn`, `turnEnded`) against a real PostgreSQL: a statement
  * that fails, a connection that dies under a queue, and what `serial()` does
- * with a function that throws or returns no promise. Tests marked `it.fails`
- * document a bug (see their comments) and turn red once it is fixed.
+ * with a function that throws or returns no promise. Comments marked "Was a
+ * bug" name what the review found (fixed the same day; each test failed before).
  */
 import { AsyncLocalStorage } from 'node:async_hooks'
 import { createScope } from '@scoped/core'
@@ -123,7 +123,7 @@ describe('scopedPool: the per-client queue', () => {
     expect((next as pg.QueryResult).rows).toEqual([{ one: 1 }])
   })
 
-  // BUG (new with the rewrite): serial()'s `start` (scoped-pool.ts, the `run.then(ended, ended)`
+  // Was a bug (new with the rewrite; fixed): serial()'s `start` (scoped-pool.ts, the `run.then(ended, ended)`
   // after `run = fn()`) assumes fn returned a promise. When it did not, `run.then` throws
   // after the client was marked busy and before anything can call turnEnded(): the client stays
   // "busy" in `queues` forever, and every later statement on it — in this session and in every
@@ -131,7 +131,7 @@ describe('scopedPool: the per-client queue', () => {
   // Reachable through scopedPool.query(config) with a config object that carries a `callback`
   // (pg then answers through it and returns undefined), which is what pg before
   // brianc/node-postgres#3720 leaves in a config object once it was passed to a callback-style query.
-  it.fails('a query config that pg answers through its own callback does not leave the client wedged for later statements', async () => {
+  it('a query config that pg answers through its own callback does not leave the client wedged for later statements', async () => {
     // A pool and scope of its own: a wedged client must not starve the other tests.
     const own = new pg.Pool({ connectionString: url, application_name: app, max: 1 })
     const s = createScope({
@@ -143,7 +143,13 @@ describe('scopedPool: the per-client queue', () => {
     })
     try {
       const config = { text: 'SELECT 1', callback: () => {} } as unknown as pg.QueryConfig
-      await s.run(() => scopedPool(s).query(config), { transaction: 'none' }).catch(() => undefined)
+      const refused = await s
+        .run(() => scopedPool(s).query(config), { transaction: 'none' })
+        .catch((e: unknown) => e)
+      // Refused like a callback argument, before any checkout.
+      expect(refused).toBeInstanceOf(TypeError)
+      expect((refused as Error).message).toContain('config.callback')
+      expect(s.stats().totals.acquired).toBe(0)
       // The next session gets the same pooled client (max: 1).
       const next = await within(s.run(() => scopedPool(s).query('SELECT 1 AS one')))
       expect(next).not.toBe('timed out')
@@ -153,10 +159,10 @@ describe('scopedPool: the per-client queue', () => {
     }
   })
 
-  // Zalgo (pre-dates the rewrite, kept by it): serial() is exported and returns a promise, but
+  // Was Zalgo (pre-dates the rewrite; fixed): serial() is exported and returns a promise, but
   // when nothing is queued on the client it calls fn at once and lets a synchronous throw out
   // of serial() itself, while the same fn queued behind another statement rejects instead.
-  it.fails('serial(): fn throwing synchronously rejects, whether or not the client is busy', async () => {
+  it('serial(): fn throwing synchronously rejects, whether or not the client is busy', async () => {
     await scope.run(
       async () => {
         const client = await scope.getSession().connection()
@@ -171,6 +177,23 @@ describe('scopedPool: the per-client queue', () => {
       },
       { transaction: 'none' },
     )
+  })
+
+  it('serial(): fn that returns no promise rejects with a TypeError naming serial, and the client is free for the next statement', async () => {
+    const out = await scope.run(
+      async () => {
+        const client = await scope.getSession().connection()
+        const bad = serial(client, (() => undefined) as unknown as () => Promise<unknown>)
+        await expect(bad).rejects.toThrow(
+          /serial\(client, fn\): fn must return the statement's promise, got undefined/,
+        )
+        return (await within(
+          serial(client, () => client.query('SELECT 4 AS four')),
+        )) as pg.QueryResult
+      },
+      { transaction: 'none' },
+    )
+    expect(out.rows).toEqual([{ four: 4 }])
   })
 
   it('serial(): fn throwing synchronously while the client is busy rejects, and the client is not left busy', async () => {
