@@ -34,12 +34,22 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { defaultCommitOn, type ResolvedSessionOptions } from './options.js'
 import { type Args, type End, ResponseGate, type Write } from './response-gate.js'
 import { RequestName } from './route-name.js'
-import { attachUnit, attachUnitTo, type TracedUnit, unitOf } from './router-tracing.js'
+import {
+  attachUnit,
+  attachUnitTo,
+  type TracedUnit,
+  unitAttachedTo,
+  unitOf,
+} from './router-tracing.js'
 
 type Emit = EventEmitter['emit']
 
 function requestIdOf(req: Request): string | undefined {
   // pino-http and express-request-id set req.id; shown in holders and leak warnings.
+  // Read only when there is one: a request's hidden class is its own (see unitOf), so
+  // reading an absent property is a lookup through its whole prototype chain in the
+  // runtime, while these checks hit caches (its prototype is the app's, every time).
+  if (!Object.hasOwn(req, 'id') && !('id' in Object.getPrototypeOf(req))) return undefined
   const id = (req as { id?: unknown }).id
   return typeof id === 'string' || typeof id === 'number' ? String(id) : undefined
 }
@@ -173,7 +183,14 @@ export class RequestUnit implements TracedUnit {
   /** `open.endNow()` / `open.end()` was called: the outcome is decided. */
   #ended = false
 
-  constructor(scope: Scope<unknown>, req: Request, res: Response, options: ResolvedSessionOptions) {
+  /** `first`: the first unit already on the request (unitOf(res)), if any. */
+  constructor(
+    scope: Scope<unknown>,
+    req: Request,
+    res: Response,
+    options: ResolvedSessionOptions,
+    first: RequestUnit | undefined,
+  ) {
     this.scope = scope
     this.#req = req
     this.res = res
@@ -185,8 +202,8 @@ export class RequestUnit implements TracedUnit {
     // Otherwise (another scope's unit came first, or an app of another copy of Express)
     // it wraps whatever the request and response have now.
     this.#viaPrototype =
-      unitOf(req) === undefined &&
-      unitOf(res) === undefined &&
+      first === undefined &&
+      unitAttachedTo(req) === undefined &&
       Object.prototype.isPrototypeOf.call(express.response, res) &&
       Object.prototype.isPrototypeOf.call(express.request, req)
     this.listened = !this.#viaPrototype
@@ -206,13 +223,12 @@ export class RequestUnit implements TracedUnit {
   }
 
   /** Hook the request and the response, then run the rest of the chain inside the scope. */
-  run(next: NextFunction): void {
+  run(next: NextFunction, first: RequestUnit | undefined): void {
     const req = this.#req
     const res = this.res
     if (this.#viaPrototype) {
       attachUnit(this)
     } else {
-      const first = unitOf<RequestUnit>(res)
       if (first === undefined) {
         // Not an Express request of ours: the unit is found by req and res all the same.
         attachUnitTo(res, this)
@@ -241,7 +257,10 @@ export class RequestUnit implements TracedUnit {
         return unit.emitInScope(this, reqEmit0, args)
       } as Emit
     }
-    const closedAlready = res.closed
+    // `res.closed` is an inherited getter (a lookup through the chain, see unitOf); a
+    // response is closed only once its socket is destroyed or gone.
+    const socket = res.socket
+    const closedAlready = socket == null || socket.destroyed ? res.closed : false
     this.open.enter(next)
     if (closedAlready) this.#onClose()
   }

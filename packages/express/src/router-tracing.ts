@@ -49,19 +49,26 @@ interface TraceContext {
 
 /**
  * The first unit of work of a request (the others hang off its `inner`), kept
- * under this symbol on the response's socket when it is free, else on `res`.
+ * under this symbol on the response's socket when it is free, else in `elsewhere`.
  *
  * Why the socket: Express swaps the prototype of every request and response,
- * and on Node 20 (V8 11) a property added to an object after that makes a
- * hidden class for that one object (a map and its descriptors, ~1.5 KB per
- * request, and every later access misses the inline caches). A socket's
- * hidden class is shared, and on a keep-alive connection the property is
- * there from its first request on. The socket holds one unit at a time, and
- * one of a response that is still being answered is never displaced: a
- * pipelined response waiting for the socket, or a second stream of a shared
- * socket, keeps its unit on `res`. (A WeakMap by `res` costs far more CPU.)
+ * and on Node 20 (V8 11) that gives each of them a hidden class of its own, so
+ * every property read of a request or response is an inline-cache miss (a
+ * lookup in the runtime, through the whole prototype chain when the property
+ * is absent), and a property added to one makes a hidden class for that one
+ * object (a map and its descriptors, ~1.5 KB). A socket's hidden class is
+ * shared: reading it is a cache hit, and on a keep-alive connection the
+ * property is there from its first request on. The socket holds one unit at a
+ * time, and one of a response that is still being answered is never displaced:
+ * a pipelined response waiting for the socket, a second stream of a shared
+ * socket, a unit whose application listens to its events (found after its
+ * socket moved on), or a request Express did not set up, keep theirs in
+ * `elsewhere`. A WeakMap lookup of an object that was never put in one is a
+ * check of its hash field, no property read, so the usual request pays nothing
+ * for it; only those few pay for an entry.
  */
 const kUnit = Symbol('@scoped/express unit')
+const elsewhere = new WeakMap<object, TracedUnit>()
 
 interface Hooked {
   [kUnit]?: TracedUnit
@@ -75,12 +82,17 @@ export function unitOf<U extends TracedUnit>(res: object | null | undefined): U 
     const u = socket[kUnit]
     if (u !== undefined && u.res === res) return u as U
   }
-  return (res as Hooked)[kUnit] as U | undefined
+  return elsewhere.get(res) as U | undefined
+}
+
+/** The unit put under `target` itself by attachUnitTo() (not one found through a socket). */
+export function unitAttachedTo<U extends TracedUnit>(target: object): U | undefined {
+  return elsewhere.get(target) as U | undefined
 }
 
 /** Make `unit` the first unit of its response: under its socket when that is free. */
 export function attachUnit(unit: TracedUnit): void {
-  const res = unit.res as Hooked & { socket?: Hooked | null }
+  const res = unit.res as { socket?: Hooked | null }
   const socket = res.socket
   if (socket != null) {
     const held = socket[kUnit]
@@ -89,12 +101,12 @@ export function attachUnit(unit: TracedUnit): void {
       return
     }
   }
-  res[kUnit] = unit
+  elsewhere.set(res, unit)
 }
 
 /** Under `target` itself (`res` or `req`), to be found there whatever its socket holds. */
 export function attachUnitTo(target: object, unit: TracedUnit): void {
-  ;(target as Hooked)[kUnit] = unit
+  elsewhere.set(target, unit)
 }
 
 function settled(ctx: TraceContext): void {

@@ -81,7 +81,8 @@ export function scopedSession<C = unknown>(
 
   return function scopedSessionMiddleware(req, res, next) {
     // Mounted twice for one scope (app and router): the outer scope already covers the chain.
-    for (let u = unitOf<RequestUnit>(res); u !== undefined; u = u.inner) {
+    const first = unitOf<RequestUnit>(res)
+    for (let u = first; u !== undefined; u = u.inner) {
       if (u.scope === target) {
         next()
         return
@@ -89,11 +90,11 @@ export function scopedSession<C = unknown>(
     }
     let unit: RequestUnit
     try {
-      unit = new RequestUnit(target, req, res, opts)
+      unit = new RequestUnit(target, req, res, opts, first)
     } catch (e) {
       next(e) // the scope is closed (ScopeClosedError): Express answers it like any error
       return
     }
-    unit.run(next)
+    unit.run(next, first)
   }
 }

@@ -187,6 +187,46 @@ describe('a client that aborts mid-handler', () => {
   })
 })
 
+describe('a client that left before the middleware ran', () => {
+  it('finds the unit of work aborted from the start: its first statement fails, nothing is committed', async () => {
+    const app = express()
+    const gone = latch()
+    // An earlier middleware (say, an async auth check) that is still busy when the client goes.
+    app.use((_req, res, next) => {
+      res.once('close', () => setImmediate(next))
+      gone.resolve()
+    })
+    app.use(scopedSession(d.scope))
+    const seen: unknown[] = []
+    const handled = latch()
+    app.get('/late/:id', async (req, res) => {
+      try {
+        await insert(req.params.id as string)
+        seen.push('inserted')
+      } catch (e) {
+        seen.push(e)
+      }
+      handled.resolve()
+      res.send('nobody is listening')
+    })
+    const srv = await listen(app)
+    try {
+      const client = startRequest(srv, '/late/left-1')
+      await gone.promise
+      client.abort()
+      expect(await client.done).toMatch(/^error: socket hang up/)
+      await handled.promise
+      await settled(d)
+      expect(seen).toHaveLength(1)
+      expect(seen[0]).toBeInstanceOf(ScopeAbortedError)
+      expect(await exists('left-1')).toBe(false)
+      expect(await openTransactions(url, d)).toEqual([])
+    } finally {
+      await srv.close()
+    }
+  })
+})
+
 describe('a client that aborts during a large request-body upload', () => {
   it('rolls back what ran before the body parser, once, and never reaches the handler', async () => {
     const count = releases(d.scope.name)

@@ -280,6 +280,37 @@ describe('the session name', () => {
     await settled(d)
   })
 
+  it("carries req.id as its requestId: set on the request (pino-http) or by a getter on the app's request prototype", async () => {
+    const app = express()
+    app.use((req, _res, next) => {
+      if (req.path === '/own') (req as { id?: unknown }).id = 'own-7'
+      next()
+    })
+    app.use(scopedSession(d.scope))
+    app.get('/:kind', (_req, res) => {
+      res.json({ requestId: d.scope.getSession().requestId ?? null })
+    })
+    const inherited = express()
+    Object.defineProperty(inherited.request, 'id', { get: () => 42, configurable: true })
+    inherited.use(scopedSession(d.scope))
+    inherited.get('/', (_req, res) => {
+      res.json({ requestId: d.scope.getSession().requestId ?? null })
+    })
+    const srv = await listen(app)
+    const srv2 = await listen(inherited)
+    try {
+      const id = async (url: string) =>
+        ((await (await fetch(url)).json()) as { requestId: string | null }).requestId
+      expect(await id(`${srv.url}/own`)).toBe('own-7')
+      expect(await id(`${srv.url}/none`)).toBe(null)
+      expect(await id(srv2.url)).toBe('42')
+    } finally {
+      await srv.close()
+      await srv2.close()
+    }
+    await settled(d)
+  })
+
   it('comes from name(req) when given; a bad result is reported as a TypeError naming the option', async () => {
     const reported: { during: string; error: unknown }[] = []
     const own = makeDb(url, 'express_session_names', {
