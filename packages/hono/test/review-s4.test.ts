@@ -23,6 +23,7 @@ import {
   database,
   deferred,
   entries,
+  listen,
   type Running,
   rawRequest,
   rowIds,
@@ -939,6 +940,42 @@ const slowCommit = `
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();
 `
 
+describe('scopedSession(): hono/compress mounted before it (outside the scope)', () => {
+  let d: Db
+  let server: Running
+
+  beforeAll(async () => {
+    d = await database('hono_review_s4_gzip_outside', { setup: setup + slowCommit })
+    const app = new Hono()
+    app.use(compress())
+    app.use(scopedSession(d.scope))
+    app.post('/gzip-slow/:id', async (c) => {
+      await d.db.query('INSERT INTO slow_items (id) VALUES ($1)', [c.req.param('id')])
+      return c.json({ id: c.req.param('id'), big: 'x'.repeat(4096) }, 201)
+    })
+    server = await listen(app)
+  })
+
+  afterAll(async () => {
+    await server?.close()
+    await d?.close()
+  })
+
+  it('a compressed 201 after a slow COMMIT: the row is visible the moment the client has the status', async () => {
+    const id = 'gzip-outside'
+    const res = await fetch(`${server.url}/gzip-slow/${id}`, {
+      method: 'POST',
+      headers: { 'accept-encoding': 'gzip' },
+    })
+    expect(res.status).toBe(201)
+    expect(res.headers.get('content-encoding')).toBe('gzip')
+    const visible = await rowIds(d.url, 'SELECT id FROM slow_items WHERE id = $1', [id])
+    await res.arrayBuffer()
+    await settled(d)
+    expect(visible).toEqual([id])
+  })
+})
+
 describe.each(entries)('$title: hono/compress inside the scope', (m) => {
   let d: Db
   let server: Running
@@ -1143,6 +1180,21 @@ describe.each(entries)('$title: a body nobody reads (HEAD)', (m) => {
   afterAll(async () => {
     await server?.close()
     await d?.close()
+  })
+
+  it('GET on the same route, the client gone mid-body: the writes stop blocking, rolled back, one release', async () => {
+    const id = 'get-stream-gone'
+    const t = m.tally(d.scope.name)
+    const call = rawRequest(server.port, {
+      path: `/head-stream/${id}`,
+      headers: { 'x-test-id': id },
+    })
+    await until(() => call.received().length > 0, 'the first bytes arrived', 3_000)
+    call.req.destroy()
+    await until(() => t.releasesOf(id) === 1, 'released', 3_000)
+    t.stop()
+    expect(t.acquiresOf(id)).toBe(1)
+    expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
   })
 
   // BUG (scopedFetch only): HEAD on a route whose stream() callback writes inside use() never
