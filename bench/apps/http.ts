@@ -113,6 +113,28 @@ function watchScoped(): void {
 const newPool = (extra: Record<string, unknown> = {}) =>
   watchPgPool(new pg.Pool({ connectionString: config.url, max: config.poolMax, ...extra }))
 
+/** At most `max` calls of `hold(fn)` run at once; the others wait in FIFO order. */
+function semaphore(max: number) {
+  let free = max
+  const waiting: (() => void)[] = []
+  const done = () => {
+    const next = waiting.shift()
+    if (next) next()
+    else free++
+  }
+  return {
+    async hold<T>(fn: () => T): Promise<Awaited<T>> {
+      if (free > 0) free--
+      else await new Promise<void>((resolve) => waiting.push(resolve))
+      try {
+        return await fn()
+      } finally {
+        done()
+      }
+    },
+  }
+}
+
 const idOf = (req: { id?: string }) => Number(req.id)
 const orderOf = (req: { body?: unknown }) => req.body as NewOrder
 
@@ -296,6 +318,7 @@ async function makeApp(variant: string): Promise<App> {
       }
     }
     case 'mikro-rc':
+    case 'mikro-rc-held':
     case 'mikro-rc-tx':
     case 'scoped-mikro':
     case 'scoped-mikro-none': {
@@ -320,6 +343,20 @@ async function makeApp(variant: string): Promise<App> {
             await orm.em.flush()
             return { id: order.id }
           },
+        }
+      }
+      if (variant === 'mikro-rc-held') {
+        // Diagnostic, in no suite: RequestContext with each request holding one of `poolMax`
+        // slots from its start until its chain settles, as a session (release: 'end') holds its
+        // connection; RequestContext's own checkouts then never wait. Tells how much of a
+        // session's gap is that hold rather than its code.
+        const slots = semaphore(config.poolMax)
+        return {
+          middleware: {
+            kind: 'mikro',
+            create: (next) => slots.hold(() => requestContext(next)),
+          },
+          read: async (req) => plain(await orm.em.findOne(Order, idOf(req))),
         }
       }
       if (variant === 'mikro-rc-tx') {
