@@ -55,6 +55,10 @@ export class RequestLifecycle<C> {
   #chainDone = false
   /** The raw response closed before the chain settled: nothing will read a body now. */
   #closedEarly = false
+  /** The response is over (closed, finished or not), or the client is gone: nothing more will be sent. */
+  #closed = false
+  /** Those waiting for `whenGone()`. */
+  #goneWaiters: (() => void)[] | undefined
   #aborted = false
   #ending: Promise<unknown> | undefined
   /** The live body's source, while it is being sent. */
@@ -132,6 +136,19 @@ export class RequestLifecycle<C> {
     throw thrown
   }
 
+  /** The response is over or its client gone (seen once watched): a body made now is never sent. */
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  /** Resolves once the response is over or its client gone (after watch()). */
+  whenGone(): Promise<void> {
+    if (this.#closed) return Promise.resolve()
+    return new Promise((resolve) => {
+      ;(this.#goneWaiters ??= []).push(resolve)
+    })
+  }
+
   /** The unit of work was aborted: the client went away (or its socket was destroyed), or a timeout. */
   get aborted(): boolean {
     return this.#aborted
@@ -182,9 +199,10 @@ export class RequestLifecycle<C> {
     state: Extract<BodyState, { kind: 'live' }>,
     commit: boolean,
   ): Response {
-    if (this.#closedEarly) {
+    if (this.#closedEarly || this.#closed) {
       // The response ended before there was a body to send (a handler that
-      // wrote to the raw response itself): nobody will ever read this one.
+      // wrote to the raw response itself, a client gone while the body was
+      // read ahead): nobody will ever read this one.
       state.reader.cancel().catch(noop)
       this.end(false).catch(noop)
       return res
@@ -220,6 +238,10 @@ export class RequestLifecycle<C> {
   }
 
   #gone(finished: boolean): void {
+    this.#closed = true
+    const waiters = this.#goneWaiters
+    this.#goneWaiters = undefined
+    if (waiters) for (const w of waiters) w()
     if (this.#open.ended) return // it ended before the response did: nothing left to do
     if (!finished) this.abort('client-abort', this.#cancelOnAbort)
     if (!this.#chainDone) {

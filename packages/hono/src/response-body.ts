@@ -16,6 +16,13 @@
  * and is replaced by the bytes read; if a read has to wait, its producer is
  * still at work and the body is live. Either answer is safe: a live body
  * never shows the client a clean end before the COMMIT succeeded.
+ *
+ * An encoded body (`Content-Encoding`, e.g. from `compress()`) is the
+ * exception: its bytes come from zlib's thread pool, so even a finished
+ * `c.json()` waits for I/O there, and would pass for live. It is read ahead
+ * without that limit (up to `readAheadLimit` bytes, or until the client is
+ * gone): the status line then waits for the encoder, which holds output back
+ * anyway, and a finished body still commits before it is sent.
  */
 
 /** Read at most this much of a stream body ahead to learn whether it is finished. */
@@ -106,8 +113,39 @@ async function soon<T>(p: Promise<T>): Promise<T | typeof waiting> {
   })
 }
 
-/** Find out whether `res`'s body is finished; see the module comment. */
-export async function inspectBody(res: Response): Promise<BodyState> {
+/** The body's stream, or null when it has none (or a fixed one) — without building a full Response. */
+function streamOf(res: Response): ReadableStream<unknown> | null {
+  const cached = lightweightBody(res)
+  const body = cached ? cached.body : res.body
+  return body !== null && typeof (body as ReadableStream | undefined)?.getReader === 'function'
+    ? (body as ReadableStream<unknown>)
+    : null
+}
+
+/**
+ * Cancel the body of a response that will never be sent (its client is gone):
+ * a producer blocked on writing to it (Hono's `stream()`) is released, and
+ * with it whatever session work waits on that write.
+ */
+export function cancelBody(res: Response): void {
+  const stream = streamOf(res)
+  if (stream !== null && !stream.locked) stream.cancel().catch(() => {})
+}
+
+function isEncoded(res: Response): boolean {
+  const encoding = res.headers.get('content-encoding')
+  return encoding !== null && encoding !== '' && encoding !== 'identity'
+}
+
+/**
+ * Find out whether `res`'s body is finished; see the module comment.
+ * `gone` resolves when the client is gone: an encoded body is read ahead
+ * until then at most.
+ */
+export async function inspectBody(
+  res: Response,
+  gone?: () => Promise<unknown>,
+): Promise<BodyState> {
   let stream: ReadableStream<unknown> | null
   const cached = lightweightBody(res)
   if (cached) {
@@ -122,10 +160,11 @@ export async function inspectBody(res: Response): Promise<BodyState> {
   const reader = stream.getReader()
   const chunks: Uint8Array[] = []
   let size = 0
+  const untilGone = gone !== undefined && isEncoded(res) ? gone().then((): typeof waiting => waiting) : undefined
   try {
     for (;;) {
       const pending = reader.read()
-      const r = await soon(pending)
+      const r = untilGone ? await Promise.race([pending, untilGone]) : await soon(pending)
       if (r === waiting) return { kind: 'live', reader, chunks, pending }
       if (r.done) break
       if (!(r.value instanceof Uint8Array)) {

@@ -31,7 +31,7 @@ import {
   type ScopedSessionOptions,
 } from './options.js'
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
-import { bodyIsFinished, inspectBody } from './response-body.js'
+import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
 import { patternAfter, routeName } from './route-name.js'
 
 export interface ScopedFetchOptions extends Omit<ScopedSessionOptions, 'name'> {
@@ -60,9 +60,26 @@ interface App {
   routes: { method: string; path: string; handler: unknown }[]
 }
 
-/** Where the request's lifecycle is kept for the error handler (which receives only `c`). */
+/**
+ * Where the request's lifecycle is kept for the error handler (which receives
+ * only `c`): on the Request, and on @hono/node-server's per-request `env`
+ * (`{ incoming, outgoing }`), which a re-dispatch inside the app
+ * (`hono/method-override`: `app.fetch(new Request(...), c.env)`) passes on
+ * unchanged while its Request is new.
+ */
 const lifeKey = Symbol('scoped.lifecycle')
-type Tagged = Request & { [lifeKey]?: RequestLifecycle<unknown> }
+type Tagged = { [lifeKey]?: RequestLifecycle<unknown> }
+
+/** node-server's env: an object made for each request, so a tag on it is this request's only. */
+function perRequestEnv(env: unknown): env is Tagged {
+  return typeof env === 'object' && env !== null && 'incoming' in env && 'outgoing' in env
+}
+
+function lifeOf(c: { req: { raw: Request }; env: unknown }): RequestLifecycle<unknown> | undefined {
+  const life = (c.req.raw as Tagged)[lifeKey]
+  if (life !== undefined) return life
+  return perRequestEnv(c.env) ? c.env[lifeKey] : undefined
+}
 
 /** Per app, once: the application's own error handler, behind the wrapper. */
 const tracking = Symbol('scoped.errorTracking')
@@ -89,7 +106,7 @@ function trackErrors(app: TrackedApp): Tracking {
   const t: Tracking = { handler: app.errorHandler, checked: false }
   const wrap = (handler: ErrorHandler<any>): ErrorHandler<any> =>
     function scopedErrorHandler(err, c) {
-      const life = (c.req.raw as Tagged)[lifeKey]
+      const life = lifeOf(c)
       if (life !== undefined) life.errorAnswered(err)
       return handler(err, c)
     }
@@ -200,6 +217,7 @@ export function scopedFetch<E extends Env = any>(
     const open = target.open({ name, kind: 'request', onSession })
     const life = new RequestLifecycle(open, target, opts.cancelOnAbort, env, request)
     ;(request as Tagged)[lifeKey] = life
+    if (perRequestEnv(env)) env[lifeKey] = life
     let res: Response | Promise<Response>
     try {
       res = open.enter(() => fetch(request, env, executionCtx))
@@ -283,7 +301,10 @@ async function settleSlowly<C>(
   }
   if (life.aborted || (handled !== undefined && !commitHandled)) {
     // A timeout (aborted when the error handler saw it), a client gone, or an Error answered:
-    // nothing commits. The response the app made goes out as it is.
+    // nothing commits. The response the app made goes out as it is; when its client is gone it
+    // never will, and a body producer still writing (a stream() callback inside use()) would
+    // wait forever for a reader, and the rollback for it: cancel the body first.
+    if (life.closed) cancelBody(res)
     await life.rollback()
     return res
   }
@@ -294,7 +315,7 @@ async function settleSlowly<C>(
     await life.rollback()
     return answer(e)
   }
-  const body = await inspectBody(res)
+  const body = await inspectBody(res, () => life.whenGone())
   if (body.kind === 'live') return life.liveResponse(res, body, commit)
   if (body.kind === 'failed') {
     await life.rollback()

@@ -14,7 +14,7 @@ import {
   type ScopedSessionOptions,
 } from './options.js'
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
-import { bodyIsFinished, inspectBody } from './response-body.js'
+import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
 
 /** Replace the response outright: Hono's `c.res` setter would merge the old one's headers in. */
@@ -137,8 +137,20 @@ function chainReturned<C>(
 
 /** COMMIT failed (or the unit of work was aborted, or its connection taken): the handler's response must not go out. app.onError answers instead. */
 function commitFailed(c: Context, e: unknown): never {
-  replaceResponse(c, undefined)
+  discardResponse(c)
   throw asError(e)
+}
+
+/**
+ * Drop the handler's response, headers included: Hono builds app.onError's
+ * answer on the Context's prepared headers (what `c.header()`/`setCookie()`
+ * wrote, the same object the handler's `c.json()` used), so a `Set-Cookie`
+ * of a login that rolled back would otherwise go out with the 500.
+ */
+function discardResponse(c: Context): void {
+  const headers = c.res.headers
+  for (const name of [...new Set(headers.keys())]) headers.delete(name)
+  replaceResponse(c, undefined)
 }
 
 /** Everything but the common case: an Error app.onError answered, a timeout, a client gone, a body to read ahead. */
@@ -178,7 +190,10 @@ async function settleSlowly<C>(
   }
 
   if (life.aborted) {
-    // The client left while the chain ran: no body will be read, nothing commits.
+    // The client left while the chain ran: no body will be read, nothing commits. A body
+    // producer still writing (a stream() callback inside use()) would wait forever for a
+    // reader, and the rollback for it: cancel the body first.
+    if (life.closed) cancelBody(c.res)
     await life.rollback()
     return
   }
@@ -199,14 +214,14 @@ async function inspectThenEnd<C>(
   life: RequestLifecycle<C>,
   commit: boolean,
 ): Promise<void> {
-  const body = await inspectBody(c.res)
+  const body = await inspectBody(c.res, () => life.whenGone())
   if (body.kind === 'live') {
     replaceResponse(c, life.liveResponse(c.res, body, commit))
     return
   }
   if (body.kind === 'failed') {
     await life.rollback()
-    replaceResponse(c, undefined)
+    discardResponse(c)
     throw asError(body.error)
   }
   try {

@@ -2,8 +2,9 @@
  * Session 4 review: adversarial probes of both entry points after the speed
  * rewrite (the synchronous fast path against the slow one). Each test asserts
  * what a user would check: the status and body the client got, the rows
- * committed or not, one release per request, an idle pool. A probe that
- * exposes a bug is `it.fails`, with the bug and its cause named.
+ * committed or not, one release per request, an idle pool. Comments marked
+ * "Was a bug" name what the review found (fixed the same day; each test
+ * failed before its fix); the one `it.fails` is a documented limitation.
  */
 import dc from 'node:diagnostics_channel'
 import http from 'node:http'
@@ -351,7 +352,7 @@ describe.each(entries)('$title', (m) => {
     await expectOneRelease(t, id)
   })
 
-  // BUG (middleware only): the 500 for a failed COMMIT carries the headers the handler set
+  // Was a bug (middleware only; fixed): the 500 for a failed COMMIT carries the headers the handler set
   // with c.header()/setCookie(). commitFailed() (scoped-session.ts:387) drops c.res, but Hono
   // keeps those headers in the Context's prepared headers (the very object c.json() used), and
   // app.onError's c.text() builds its answer from them: the client gets the cookie of a login
@@ -359,19 +360,16 @@ describe.each(entries)('$title', (m) => {
   // Fix: clear the discarded response's headers before dropping it (for a response built by
   // c.json()/c.text() they are the Context's prepared headers): for (const k of
   // [...c.res.headers.keys()]) c.res.headers.delete(k).
-  ;(m.kind === 'middleware' ? it.fails : it)(
-    "a failed COMMIT's 500 carries none of the handler's headers (no Set-Cookie of a rolled-back login)",
-    async () => {
-      const id = 'login'
-      const res = await post(`/login/${id}`, id)
-      expect(res.status).toBe(500)
-      expect(await res.text()).toBe('Internal Server Error')
-      await settled(d)
-      expect(await rowIds(d.url, 'SELECT id FROM children WHERE id = $1', [id])).toEqual([])
-      expect(res.headers.getSetCookie()).toEqual([])
-      expect(res.headers.get('x-handler')).toBeNull()
-    },
-  )
+  it("a failed COMMIT's 500 carries none of the handler's headers (no Set-Cookie of a rolled-back login)", async () => {
+    const id = 'login'
+    const res = await post(`/login/${id}`, id)
+    expect(res.status).toBe(500)
+    expect(await res.text()).toBe('Internal Server Error')
+    await settled(d)
+    expect(await rowIds(d.url, 'SELECT id FROM children WHERE id = $1', [id])).toEqual([])
+    expect(res.headers.getSetCookie()).toEqual([])
+    expect(res.headers.get('x-handler')).toBeNull()
+  })
 
   it('HEAD on a route that inserts and answers JSON: 200, no body, committed', async () => {
     const id = 'head-json'
@@ -632,7 +630,7 @@ describe.each(entries)('$title: options that throw, sub-apps, re-dispatch', (m) 
     expect(d.pool.totalCount).toBe(d.pool.idleCount)
   })
 
-  // BUG (scopedFetch only): an Error thrown in a request that hono/method-override dispatched
+  // Was a bug (scopedFetch only; fixed): an Error thrown in a request that hono/method-override dispatched
   // again is not seen, so a 4xx answer commits. scopedFetch() finds the request's lifecycle
   // through a symbol on the Request object (scoped-fetch.ts:202, read at scoped-fetch.ts:92);
   // methodOverride() calls app.fetch(new Request(...), c.env) (any re-dispatch does), so the
@@ -640,22 +638,19 @@ describe.each(entries)('$title: options that throw, sub-apps, re-dispatch', (m) 
   // work; returned() then judges the 409 by status alone (scoped-fetch.ts:241, 250) and
   // COMMITs the row of a handler that threw. The session itself is the outer request's (the
   // inner fetch runs inside its scope), so the row is written in the committed unit of work.
-  ;(m.kind === 'fetch' ? it.fails : it)(
-    'hono/method-override: an Error thrown by the overridden DELETE route rolls back',
-    async () => {
-      const id = 'override-delete'
-      const res = await fetch(`${server.url}/app/posts/${id}`, {
-        method: 'POST',
-        headers: { 'x-test-id': id, 'content-type': 'application/x-www-form-urlencoded' },
-        body: '_method=DELETE',
-      })
-      expect(res.status).toBe(409)
-      await res.text()
-      await settled(d)
-      expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
-      expect(d.pool.totalCount).toBe(d.pool.idleCount)
-    },
-  )
+  it('hono/method-override: an Error thrown by the overridden DELETE route rolls back', async () => {
+    const id = 'override-delete'
+    const res = await fetch(`${server.url}/app/posts/${id}`, {
+      method: 'POST',
+      headers: { 'x-test-id': id, 'content-type': 'application/x-www-form-urlencoded' },
+      body: '_method=DELETE',
+    })
+    expect(res.status).toBe(409)
+    await res.text()
+    await settled(d)
+    expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
+    expect(d.pool.totalCount).toBe(d.pool.idleCount)
+  })
 })
 
 /** Two scopes on one request: A outside (the middleware or scopedFetch), B a middleware inside it. */
@@ -1025,7 +1020,7 @@ describe.each(entries)('$title: hono/compress inside the scope', (m) => {
     await settled(d)
   })
 
-  // BUG: compress() inside the scope (always so with scopedFetch(app), which has the whole app
+  // Was a bug (fixed): compress() inside the scope (always so with scopedFetch(app), which has the whole app
   // inside; with the middleware, when compress() is mounted after it) turns every response it
   // compresses (any compressible type without a Content-Length, which c.json()/c.text() never
   // set, or over 1 KiB) into a "live" body: its CompressionStream delivers through zlib's
@@ -1033,7 +1028,7 @@ describe.each(entries)('$title: hono/compress inside the scope', (m) => {
   // setImmediate turn) takes it for a body still being produced. The status line then goes
   // out BEFORE the COMMIT (liveResponse, request-lifecycle.ts:180): a failed COMMIT is a 200
   // cut off mid-body instead of a 500, and a client holding a 201 may not see its row yet.
-  it.fails('a compressed JSON response whose COMMIT fails is a 500 (committed before the status line)', async () => {
+  it('a compressed JSON response whose COMMIT fails is a 500 (committed before the status line)', async () => {
     const id = 'gzip-deferred'
     const call = rawRequest(server.port, {
       method: 'POST',
@@ -1061,7 +1056,7 @@ describe.each(entries)('$title: hono/compress inside the scope', (m) => {
   })
 
   // The same bug, seen as a client would: the 201 arrives while the COMMIT still runs.
-  it.fails('a compressed 201: the row is visible the moment the client has the status', async () => {
+  it('a compressed 201: the row is visible the moment the client has the status', async () => {
     const id = 'gzip-slow'
     const res = await fetch(`${server.url}/gzip-slow/${id}`, {
       method: 'POST',
@@ -1126,7 +1121,7 @@ describe.each(entries)('$title: a body nobody reads (client gone)', (m) => {
     await d?.close()
   })
 
-  // BUG: a response body nobody will ever read is never cancelled, so a stream() callback that
+  // Was a bug (fixed): a response body nobody will ever read is never cancelled, so a stream() callback that
   // writes inside a tracked use() blocks forever and the connection is never released. When
   // the client left before the chain settled, settleSlowly() only rolls back
   // (scoped-session.ts:427-430, scoped-fetch.ts:284-288): rollback waits for the running use()
@@ -1136,7 +1131,7 @@ describe.each(entries)('$title: a body nobody reads (client gone)', (m) => {
   // aborted branch (and in #gone/liveResponse's closedEarly path), cancel the response body
   // (c.res.body / res.body .cancel()), which makes Hono's StreamingApi abort and its pending
   // writes return, before awaiting the rollback.
-  it.fails('a client gone before the chain settled, a stream() callback writing inside use(): the connection is released', async () => {
+  it('a client gone before the chain settled, a stream() callback writing inside use(): the connection is released', async () => {
     const id = 'late-abort'
     const call = rawRequest(server.port, {
       path: `/late-abort/${id}`,
@@ -1197,7 +1192,7 @@ describe.each(entries)('$title: a body nobody reads (HEAD)', (m) => {
     expect(await rowIds(d.url, 'SELECT id FROM items WHERE id = $1', [id])).toEqual([])
   })
 
-  // BUG (scopedFetch only): HEAD on a route whose stream() callback writes inside use() never
+  // Known limitation (scopedFetch only; hono README, "HEAD"): HEAD on a route whose stream() callback writes inside use() never
   // gets its answer, and the connection is never released. Hono answers HEAD with
   // new Response(null, getResponse), dropping the GET body without cancelling it, so
   // scopedFetch() sees a finished head and ends the unit of work at once (returned(),
