@@ -49,7 +49,10 @@ function requestIdOf(req: Request): string | undefined {
   // Read only when there is one: a request's hidden class is its own (see unitOf), so
   // reading an absent property is a lookup through its whole prototype chain in the
   // runtime, while these checks hit caches (its prototype is the app's, every time).
-  if (!Object.hasOwn(req, 'id') && !('id' in Object.getPrototypeOf(req))) return undefined
+  if (!Object.hasOwn(req, 'id')) {
+    const proto = Object.getPrototypeOf(req) as object | null
+    if (proto === null || !('id' in proto)) return undefined
+  }
   const id = (req as { id?: unknown }).id
   return typeof id === 'string' || typeof id === 'number' ? String(id) : undefined
 }
@@ -258,9 +261,10 @@ export class RequestUnit implements TracedUnit {
       } as Emit
     }
     // `res.closed` is an inherited getter (a lookup through the chain, see unitOf); a
-    // response is closed only once its socket is destroyed or gone.
-    const socket = res.socket
-    const closedAlready = socket == null || socket.destroyed ? res.closed : false
+    // response is closed only once its socket is destroyed or gone, so it is read then
+    // (or when the socket cannot say: not a net.Socket).
+    const socket = res.socket as { destroyed?: unknown } | null | undefined
+    const closedAlready = socket == null || socket.destroyed !== false ? res.closed : false
     this.open.enter(next)
     if (closedAlready) this.#onClose()
   }
