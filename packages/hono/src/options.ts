@@ -106,10 +106,37 @@ export function resolveSessionOptions(
       `${entry}(${scopeArg}, { cancelOnAbort }): expected a boolean, got ${describe(o.cancelOnAbort)}`,
     )
   }
+  const commitOn = o.commitOn as ResolvedSessionOptions['commitOn'] | undefined
   return {
     name: (o.name as ResolvedSessionOptions['name'] | undefined) ?? routeName,
-    commitOn: (o.commitOn as ResolvedSessionOptions['commitOn'] | undefined) ?? defaultCommitOn,
+    commitOn: commitOn
+      ? checkedCommitOn(commitOn, `${entry}(${scopeArg}, { commitOn })`)
+      : defaultCommitOn,
     cancelOnAbort: (o.cancelOnAbort as boolean | undefined) ?? false,
+  }
+}
+
+/**
+ * A custom `commitOn` that must answer true or false: anything else (a
+ * Promise from an async function, undefined from a forgotten `return`) would
+ * quietly roll back work behind a 2xx. It throws instead, which rolls back
+ * and answers 500, with a message that says why.
+ */
+function checkedCommitOn(
+  commitOn: ResolvedSessionOptions['commitOn'],
+  where: string,
+): ResolvedSessionOptions['commitOn'] {
+  return (outcome) => {
+    const answer: unknown = commitOn(outcome)
+    if (typeof answer === 'boolean') return answer
+    const thenable = typeof (answer as { then?: unknown } | null)?.then === 'function'
+    throw new TypeError(
+      `${where}: commitOn must return true or false, got ${
+        thenable
+          ? 'a Promise (it cannot be async: it decides before the response is sent)'
+          : describe(answer)
+      }`,
+    )
   }
 }
 
