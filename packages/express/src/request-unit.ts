@@ -40,6 +40,7 @@ import {
   type TracedUnit,
   unitAttachedTo,
   unitOf,
+  unitOfRequest,
 } from './router-tracing.js'
 
 type Emit = EventEmitter['emit']
@@ -100,7 +101,7 @@ export function installHooks(): void {
     return nodeRes.emit.apply(this, arguments as never)
   }
   request.emit = function emit(this: EventEmitter, type: string | symbol): boolean {
-    const unit = unitOf<RequestUnit>((this as { res?: object }).res)
+    const unit = unitOfRequest<RequestUnit>(this)
     if (unit !== undefined) {
       if (type === 'timeout') unit.timedOut()
       if (unit.listened && this.listenerCount(type) > 0) {
@@ -126,7 +127,7 @@ export function installHooks(): void {
       return ofRes.apply(this, arguments as never)
     }
     request[method] = function listen(this: EventEmitter) {
-      const unit = unitOf<RequestUnit>((this as { res?: object }).res)
+      const unit = unitOfRequest<RequestUnit>(this)
       if (unit !== undefined) unit.listenerAdded()
       // biome-ignore lint/complexity/noArguments: as emit
       return ofReq.apply(this, arguments as never)
@@ -139,7 +140,8 @@ export class RequestUnit implements TracedUnit {
   readonly open: OpenScope<unknown>
   /** Another scope's unit on the same request, mounted after this one. */
   inner: RequestUnit | undefined
-  #req: Request
+  /** The request it is the unit of work of. */
+  readonly req: Request
   readonly res: Response
   #options: ResolvedSessionOptions
   /** The mount path when the middleware ran (the provisional name's), and the name once asked. */
@@ -195,7 +197,7 @@ export class RequestUnit implements TracedUnit {
     first: RequestUnit | undefined,
   ) {
     this.scope = scope
-    this.#req = req
+    this.req = req
     this.res = res
     this.#options = options
     this.#base = req.baseUrl ?? ''
@@ -227,7 +229,7 @@ export class RequestUnit implements TracedUnit {
 
   /** Hook the request and the response, then run the rest of the chain inside the scope. */
   run(next: NextFunction, first: RequestUnit | undefined): void {
-    const req = this.#req
+    const req = this.req
     const res = this.res
     if (this.#viaPrototype) {
       attachUnit(this)
@@ -426,7 +428,7 @@ export class RequestUnit implements TracedUnit {
     if (this.#endCalled) return // the end path owns the unit from here
     if (this.#ended) return
     // server.requestTimeout (the request did not arrive in time) destroys the socket with this.
-    const socketError = (this.#req.socket as { errored?: { code?: unknown } | null } | undefined)
+    const socketError = (this.req.socket as { errored?: { code?: unknown } | null } | undefined)
       ?.errored
     if (socketError?.code === 'ERR_HTTP_REQUEST_TIMEOUT') this.#timedOut = true
     // No response will be sent: the client went away, a timeout destroyed the socket,
@@ -492,7 +494,7 @@ export class RequestUnit implements TracedUnit {
   // ── names and reports ──────────────────────────────────────────────────
 
   #currentName(): string {
-    this.#name ??= new RequestName(this.#req, this.#options.name, this.#base, (e) =>
+    this.#name ??= new RequestName(this.req, this.#options.name, this.#base, (e) =>
       this.#report(e, 'scopedSession({ name })'),
     )
     return this.#name.current

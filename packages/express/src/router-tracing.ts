@@ -24,7 +24,8 @@ import express from 'express'
 export interface TracedUnit {
   /** The next unit on the same request (another scope's), if any. */
   readonly inner: TracedUnit | undefined
-  /** The response it is the unit of work of. */
+  /** The request and the response it is the unit of work of. */
+  readonly req: object
   readonly res: object
   /**
    * True once nothing needs to find it through its socket any more: it is
@@ -83,6 +84,22 @@ export function unitOf<U extends TracedUnit>(res: object | null | undefined): U 
     if (u !== undefined && u.res === res) return u as U
   }
   return elsewhere.get(res) as U | undefined
+}
+
+/**
+ * The first unit of work of `req` (the request of an Express response). Through
+ * its socket first, as unitOf() does for a response: `req.socket` stays set after
+ * the response let go of its socket, and Node has usually just read it (a cache
+ * hit), where `req.res` is read by nobody else (a miss on every request's own
+ * hidden class, see above).
+ */
+export function unitOfRequest<U extends TracedUnit>(req: object): U | undefined {
+  const socket = (req as { socket?: Hooked | null }).socket
+  if (socket != null) {
+    const u = socket[kUnit]
+    if (u !== undefined && u.req === req) return u as U
+  }
+  return unitOf((req as { res?: object }).res)
 }
 
 /** The unit put under `target` itself by attachUnitTo() (not one found through a socket). */
@@ -161,8 +178,10 @@ export function ensureRouterTracing(): void {
   // A dry run through a router of the Express we were built against.
   let seen = false
   const res = {}
+  const req = { url: '/', method: 'GET' }
   const probe: TracedUnit = {
     inner: undefined,
+    req,
     res,
     leftSocket: true,
     started: () => {
@@ -171,7 +190,6 @@ export function ensureRouterTracing(): void {
     settled: () => {},
     failed: () => {},
   }
-  const req = { url: '/', method: 'GET' }
   attachUnit(probe)
   const router = express.Router()
   router.use((_req, _res, next) => next())
