@@ -160,7 +160,8 @@ export async function inspectBody(
   const reader = stream.getReader()
   const chunks: Uint8Array[] = []
   let size = 0
-  const untilGone = gone !== undefined && isEncoded(res) ? gone().then((): typeof waiting => waiting) : undefined
+  const untilGone =
+    gone !== undefined && isEncoded(res) ? gone().then((): typeof waiting => waiting) : undefined
   try {
     for (;;) {
       const pending = reader.read()
