@@ -479,6 +479,66 @@ describe('requests sharing one connection', () => {
     }
   })
 
+  it('a pipelined POST whose body is parsed while the first response waits for its COMMIT: its verify hook, handler and body are its own', async () => {
+    const app = express()
+    app.use(scopedSession(d.scope))
+    const seen: Record<string, string> = {}
+    app.use(
+      express.json({
+        verify: (req) => {
+          const id = (req as Request).url.split('/').pop() as string
+          seen[`${id}-verify`] = d.scope.getSession().id
+        },
+      }),
+    )
+    app.post('/body/:id', async (req, res) => {
+      const id = req.params.id as string
+      seen[id] = d.scope.getSession().id
+      if (id === 'body-slow') {
+        await d.db.query('INSERT INTO slow (id) VALUES ($1)', [id])
+        return void res.send(id)
+      }
+      expect(req.body).toEqual({ mine: id })
+      await insert(id)
+      res.send(id)
+    })
+    const srv = await listen(app)
+    const count = releases(d.scope.name)
+    await observer.query('SELECT pg_advisory_lock(4242)')
+    let locked = true
+    try {
+      const { socket, text } = rawSocket(srv.port)
+      const post = (id: string) => {
+        const body = JSON.stringify({ mine: id })
+        return `POST /body/${id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
+      }
+      socket.write(post('body-slow') + post('body-2'))
+      await commitBlocked()
+      // The second request ran and committed its own unit while the first COMMIT still waits
+      // (its response queued behind the first one's).
+      await vi.waitFor(async () => expect(await exists('items', 'body-2')).toBe(true))
+      expect(d.scope.stats().holding).toBe(1)
+      expect(text()).toBe('')
+      await observer.query('SELECT pg_advisory_unlock(4242)')
+      locked = false
+      await vi.waitFor(() => expect(text()).toMatch(/body-2$/))
+      socket.destroy()
+      const statuses = [...text().matchAll(/HTTP\/1\.1 (\d+)/g)].map((m) => Number(m[1]))
+      expect(statuses).toEqual([200, 200])
+      await settled(d)
+      expect(count.count).toBe(2)
+      expect(seen['body-2-verify']).toBe(seen['body-2'])
+      expect(seen['body-slow-verify']).toBe(seen['body-slow'])
+      expect(seen['body-2']).not.toBe(seen['body-slow'])
+      expect(await exists('slow', 'body-slow')).toBe(true)
+      expect(await exists('items', 'body-2')).toBe(true)
+    } finally {
+      if (locked) await observer.query('SELECT pg_advisory_unlock(4242)')
+      count.stop()
+      await srv.close()
+    }
+  })
+
   // BUG: a pipelined request whose client went away while it waited for the socket commits
   // anyway. Node never emits 'close' on a queued pipelined ServerResponse (it has no socket:
   // only its IncomingMessage gets 'aborted'/'error'/'close'), and request-unit.ts watches

@@ -103,7 +103,7 @@ describe('a failed COMMIT', () => {
   // Fix: before #deliver(done, commitError(...)) remove the claim headers (set-cookie,
   // location, etag, last-modified, content-* …) with reply.removeHeader(), as
   // packages/express/src/response-gate.ts fail() does.
-  it.fails('becomes a 500 without the handler’s Set-Cookie', async () => {
+  it('becomes a 500 without the handler’s Set-Cookie', async () => {
     const { port } = await app(async (a) => {
       await a.register(scopedSession, { scope: h.scope })
       a.post('/login/:id', async (request, reply) => {
@@ -145,7 +145,7 @@ describe('a failed COMMIT', () => {
   // Fix: in pump(), read one chunk ahead: keep the latest chunk back until the next read
   // says whether it is the last; if it is, await body.end() first and push it (then null)
   // only when the COMMIT succeeded (or hold only when the reply has a content-length).
-  it.fails('a stream payload with a Content-Length whose COMMIT fails never looks complete to the client', async () => {
+  it('a stream payload with a Content-Length whose COMMIT fails never looks complete to the client', async () => {
     const part = 'y'.repeat(1024)
     const { port } = await app(async (a) => {
       await a.register(scopedSession, { scope: h.scope })
@@ -243,6 +243,64 @@ describe('stream payloads', () => {
   })
 })
 
+describe('HEAD', () => {
+  // BUG: HEAD of a GET route whose payload is a stream answers 200 but rolls the handler's
+  // work back (GET on the same route commits, and the default commitOn says a 200 commits),
+  // and the body's statements run on while the unit ends. Fastify's HEAD route drains a Node
+  // stream payload (payload.resume(), lib/head-route.js) after our onSend wrapped it and ends
+  // the response with no body; the response's 'close' then reaches request-scope.ts #onClose,
+  // which ends the unit at once with #afterClose() — false for any response that went
+  // through onSend (#responded) — so it rolls back while scopedStream's pump is still reading
+  // (its later statements fail; a web stream payload is cancelled outright: body.fail()).
+  // Fix: for a HEAD request with a stream payload, read it to its end inside the scope in
+  // send() (the body is discarded anyway), decide and end the unit, then hand on null; and
+  // in #onClose, leave the end of a unit whose stream body is still being read to that body.
+  it.fails('HEAD of a GET route whose stream payload queries as it is read: 200, no body, committed, one release', async () => {
+    const { port } = await app(async (a) => {
+      await a.register(scopedSession, { scope: h.scope })
+      a.get('/report/:id', async (request, reply) => {
+        const { id } = request.params as { id: string }
+        await insert(id)
+        async function* lines() {
+          for (let i = 0; i < 3; i++) {
+            await insert(`${id}-line-${i}`)
+            yield `line ${i}\n`
+          }
+        }
+        reply.type('text/plain')
+        return reply.send(Readable.from(lines()))
+      })
+    })
+    const r = await new Promise<Raw>((resolve) => {
+      const req = http.request({
+        host: '127.0.0.1',
+        port,
+        path: '/report/hd-1',
+        method: 'HEAD',
+        agent: false,
+      })
+      req.on('response', (res) => {
+        res.resume()
+        res.on('end', () =>
+          resolve({
+            status: res.statusCode,
+            headers: res.headers,
+            body: '',
+            ended: res.complete ? 'complete' : 'error',
+          }),
+        )
+      })
+      req.on('error', () => resolve({ status: undefined, headers: {}, body: '', ended: 'error' }))
+      req.end()
+    })
+    expect(r).toMatchObject({ status: 200, ended: 'complete' })
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    expect(await exists('items', 'hd-1')).toBe(true)
+    expect(await exists('items', 'hd-1-line-2')).toBe(true)
+  })
+})
+
 describe('error handlers and hooks', () => {
   it('setErrorHandler answering 4xx to a thrown error, and an onRequest hook replying early after a query', async () => {
     const { base } = await app(async (a) => {
@@ -279,6 +337,29 @@ describe('error handlers and hooks', () => {
   })
 })
 
+describe('an error handler that fails', () => {
+  it('setErrorHandler that queries and then throws: 500, everything rolled back, one release', async () => {
+    const { base } = await app(async (a) => {
+      await a.register(scopedSession, { scope: h.scope })
+      a.setErrorHandler(async (_error, _request, _reply) => {
+        await insert('ehf-log')
+        throw new Error('the error handler failed too')
+      })
+      a.post('/ehf/:id', async (request) => {
+        await insert((request.params as { id: string }).id)
+        throw new Error('handler failure')
+      })
+    })
+    const res = await fetch(`${base}/ehf/ehf-1`, { method: 'POST' })
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    expect(await exists('items', 'ehf-1')).toBe(false)
+    expect(await exists('items', 'ehf-log')).toBe(false)
+  })
+})
+
 describe('requests sharing one connection', () => {
   // BUG: a pipelined request whose client went away while its response waited for the socket
   // commits anyway. Node never emits 'close' on a queued pipelined ServerResponse (it has no
@@ -289,7 +370,7 @@ describe('requests sharing one connection', () => {
   // Fix: also listen to request.raw 'close' and treat it as the abort when the response has
   // not ended and the request's socket is destroyed (request.raw.socket.destroyed &&
   // !reply.raw.writableEnded), then end as #onClose does.
-  it.fails('a pipelined request whose client left while it waited for the socket rolls back', async () => {
+  it('a pipelined request whose client left while it waited for the socket rolls back', async () => {
     const started = { first: gate(), second: gate() }
     const go = gate()
     const outcome: Record<string, string> = {}
