@@ -166,18 +166,25 @@ export class RequestScope {
       return
     }
     if (response?.body != null && response.status !== 204 && response.status !== 304) {
-      const body = scopedWebStream(response.body, this.#bodyEnd(commit))
+      const body = scopedWebStream(
+        response.body,
+        this.#bodyEnd(commit),
+        response.headers.has('content-length'),
+      )
       const { status, statusText, headers } = response
       done(null, new Response(body, { status, statusText, headers }))
       return
     }
     if (payload !== null && typeof payload === 'object') {
       if (typeof (payload as NodeJS.ReadableStream).pipe === 'function') {
-        done(null, scopedStream(payload as NodeJS.ReadableStream, this.#bodyEnd(commit)))
+        done(
+          null,
+          scopedStream(payload as NodeJS.ReadableStream, this.#bodyEnd(commit), this.#sized()),
+        )
         return
       }
       if (typeof (payload as ReadableStream).getReader === 'function') {
-        done(null, scopedWebStream(payload as ReadableStream, this.#bodyEnd(commit)))
+        done(null, scopedWebStream(payload as ReadableStream, this.#bodyEnd(commit), this.#sized()))
         return
       }
     }
@@ -252,7 +259,7 @@ export class RequestScope {
   ): Promise<void> | undefined {
     const now = this.#finishNow(commit)
     if (now !== notYet) {
-      if (now !== undefined) this.#deliver(done, commitError(this.open.name, now))
+      if (now !== undefined) this.#answerFailed(done, now)
       else this.#deliver(done, null, payload)
       return undefined
     }
@@ -270,7 +277,7 @@ export class RequestScope {
     const contentType = reply.getHeader('content-type')
     return this.#finish(commit).then((failure) => {
       if (failure !== undefined) {
-        this.#deliver(done, commitError(this.open.name, failure))
+        this.#answerFailed(done, failure)
         return
       }
       // A racing error response (see the second pass) may have changed the shared reply
@@ -301,6 +308,22 @@ export class RequestScope {
         `[scoped] the response of ${this.open.name} was already written by another path`,
       )
     }
+  }
+
+  /**
+   * The COMMIT failed: Fastify's error handler answers instead, and nothing the
+   * handler's response claimed may go with it (a Set-Cookie of a login that
+   * rolled back, a Location or ETag of work that was not saved).
+   */
+  #answerFailed(done: (error: Error | null, payload?: unknown) => void, failure: unknown): void {
+    const reply = this.#reply
+    for (const name of claimHeaders) reply.removeHeader(name)
+    this.#deliver(done, commitError(this.open.name, failure))
+  }
+
+  /** The reply declares its length: the client takes the last byte as the end. */
+  #sized(): boolean {
+    return this.#reply.getHeader('content-length') !== undefined
   }
 
   #onClose(): void {
@@ -345,6 +368,9 @@ export class RequestScope {
   /** commitOn, guarded: an aborted request never commits; a non-boolean answer is a bug. */
   #decide(status: number): boolean {
     if (this.open.aborted) return false
+    // The client is gone though no 'close' said so: a pipelined response still waiting for
+    // its socket never gets one (Node emits it on the request only).
+    if (this.#reply.request.raw.socket?.destroyed === true) return false
     const commitOn = this.#options.commitOn
     // The default, without making its argument (#error boxes even an undefined error).
     if (commitOn === defaultCommitOn) return this.#error === undefined && status < 500
@@ -490,6 +516,22 @@ function isRequestTimeout(reply: FastifyReply): boolean {
 }
 
 /** The error that replaces a response whose unit of work could not be committed: always a 500. */
+/** Headers that describe the body or the state the failed response claimed; its 500 must not keep them. */
+const claimHeaders = [
+  'content-type',
+  'content-length',
+  'content-encoding',
+  'content-language',
+  'content-range',
+  'content-disposition',
+  'content-location',
+  'etag',
+  'last-modified',
+  'location',
+  'set-cookie',
+  'transfer-encoding',
+]
+
 function commitError(name: string, cause: unknown): Error {
   const reason = cause instanceof Error ? cause.message : String(cause)
   const error = new TransactionStateError(

@@ -25,8 +25,17 @@ export interface BodyEnd {
 
 const noop = () => {}
 
-/** @internal A Node.js stream payload (anything with `pipe()`). */
-export function scopedStream(source: NodeJS.ReadableStream, body: BodyEnd): Readable {
+/**
+ * @internal A Node.js stream payload (anything with `pipe()`). With
+ * `holdLast` (the reply has a Content-Length, so its last byte ends the
+ * response for the client) each chunk is passed on only once the next one
+ * is read: the last one waits for the COMMIT.
+ */
+export function scopedStream(
+  source: NodeJS.ReadableStream,
+  body: BodyEnd,
+  holdLast = false,
+): Readable {
   const readable =
     typeof (source as Readable)[Symbol.asyncIterator] === 'function'
       ? (source as Readable)
@@ -34,6 +43,8 @@ export function scopedStream(source: NodeJS.ReadableStream, body: BodyEnd): Read
   let iterator: AsyncIterator<unknown> | undefined
   let pulling = false
   let over = false
+  let held: unknown
+  let holding = false
   const out = new Readable({
     read() {
       if (pulling) return
@@ -61,11 +72,22 @@ export function scopedStream(source: NodeJS.ReadableStream, body: BodyEnd): Read
         if (next.done) {
           over = true
           const failure = await body.end()
-          if (failure === undefined) out.push(null)
-          else out.destroy(failure instanceof Error ? failure : new Error(String(failure)))
+          if (failure === undefined) {
+            if (holding) out.push(held)
+            out.push(null)
+          } else out.destroy(failure instanceof Error ? failure : new Error(String(failure)))
           return
         }
-        if (!out.push(next.value)) {
+        let chunk = next.value
+        if (holdLast) {
+          const previous = held
+          const had = holding
+          held = chunk
+          holding = true
+          if (!had) continue
+          chunk = previous
+        }
+        if (!out.push(chunk)) {
           pulling = false
           return
         }
@@ -82,29 +104,49 @@ export function scopedStream(source: NodeJS.ReadableStream, body: BodyEnd): Read
   return out
 }
 
-/** @internal A web `ReadableStream` payload (or a `Response`'s body). */
-export function scopedWebStream(source: ReadableStream, body: BodyEnd): ReadableStream {
+/** @internal A web `ReadableStream` payload (or a `Response`'s body); `holdLast` as for scopedStream. */
+export function scopedWebStream(
+  source: ReadableStream,
+  body: BodyEnd,
+  holdLast = false,
+): ReadableStream {
   const reader = source.getReader()
   let over = false
+  let held: unknown
+  let holding = false
   return new ReadableStream({
     pull(controller) {
       return body.enter(async () => {
-        let next: { done: boolean; value?: unknown }
-        try {
-          next = await reader.read()
-        } catch (error) {
+        for (;;) {
+          let next: { done: boolean; value?: unknown }
+          try {
+            next = await reader.read()
+          } catch (error) {
+            over = true
+            body.fail()
+            throw error
+          }
+          if (!next.done) {
+            if (!holdLast) {
+              controller.enqueue(next.value)
+              return
+            }
+            const previous = held
+            const had = holding
+            held = next.value
+            holding = true
+            if (!had) continue
+            controller.enqueue(previous)
+            return
+          }
           over = true
-          body.fail()
-          throw error
-        }
-        if (!next.done) {
-          controller.enqueue(next.value)
+          const failure = await body.end()
+          if (failure === undefined) {
+            if (holding) controller.enqueue(held)
+            controller.close()
+          } else controller.error(failure)
           return
         }
-        over = true
-        const failure = await body.end()
-        if (failure === undefined) controller.close()
-        else controller.error(failure)
       })
     },
     cancel(reason) {
