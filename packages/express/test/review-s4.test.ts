@@ -3,7 +3,12 @@
  * sockets, real PostgreSQL. A probe that exposes a bug is `it.fails` with the
  * bug and its cause named; the others document guarantees that held.
  */
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import http from 'node:http'
 import net from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { pipeline, Readable } from 'node:stream'
 import { scopedSession } from '@scoped/express'
 import compression from 'compression'
 import express, { type NextFunction, type Request, type Response } from 'express'
@@ -339,6 +344,94 @@ describe('responses ended in unusual ways', () => {
     } finally {
       count.stop()
       await srv.close()
+    }
+  })
+})
+
+describe('a body piped from a generator that queries between chunks', () => {
+  it('a client gone while a statement of the body runs: no release before that statement settled, rollback, one release', async () => {
+    const app = express()
+    app.use(scopedSession(d.scope))
+    const inFlight = latch()
+    const log: string[] = []
+    let count: ReturnType<typeof releases> | undefined
+    app.get('/piped/:id', async (req, res) => {
+      const id = req.params.id as string
+      await insert(id)
+      async function* body() {
+        yield `${'x'.repeat(64 * 1024)}\n`
+        for (let i = 0; ; i++) {
+          const running = d.db.query('SELECT pg_sleep(0.2)')
+          if (i === 0) inFlight.resolve()
+          try {
+            await running
+            log.push(`statement ${i} done, releases so far ${count?.count}`)
+          } catch (e) {
+            log.push(
+              `statement ${i} failed (${(e as Error).name}), releases so far ${count?.count}`,
+            )
+            throw e
+          }
+          yield `${'y'.repeat(64 * 1024)}\n`
+        }
+      }
+      res.type('text/plain')
+      pipeline(Readable.from(body()), res, () => {})
+    })
+    const srv = await listen(app)
+    count = releases(d.scope.name)
+    try {
+      const client = http.get(`${srv.url}/piped/pp-1`, { agent: false })
+      client.on('error', () => {})
+      client.on('response', (r) => r.on('error', () => {}))
+      await inFlight.promise
+      client.destroy()
+      await settled(d)
+      expect(count.count).toBe(1)
+      expect(await exists('items', 'pp-1')).toBe(false)
+      // The statement that was running when the client left settled before the release.
+      expect(log[0]).toMatch(/^statement 0 (done|failed \(\w+\)), releases so far 0$/)
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+})
+
+describe('res.sendFile()', () => {
+  it('a client gone before the file was read: rollback, one release, the file stream closed', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'scoped-express-'))
+    const file = join(dir, 'big.bin')
+    // Far more than loopback socket buffers hold: the file cannot be sent before the client leaves.
+    await writeFile(file, Buffer.alloc(32 * 1024 * 1024, 1))
+    const app = express()
+    app.use(scopedSession(d.scope))
+    const outcome = latch<string>()
+    app.get('/file/:id', async (req, res) => {
+      await insert(req.params.id as string)
+      res.sendFile(file, (err) => outcome.resolve(err ? `error ${err.message}` : 'sent'))
+    })
+    const srv = await listen(app)
+    const count = releases(d.scope.name)
+    try {
+      const client = http.get(`${srv.url}/file/sf-1`, { agent: false })
+      client.on('error', () => {})
+      const status = await new Promise<number | undefined>((resolve) =>
+        client.on('response', (r) => {
+          r.on('error', () => {})
+          resolve(r.statusCode)
+          client.destroy()
+        }),
+      )
+      expect(status).toBe(200)
+      expect(await outcome.promise).toMatch(/^error /)
+      await settled(d)
+      expect(count.count).toBe(1)
+      expect(await exists('items', 'sf-1')).toBe(false)
+    } finally {
+      count.stop()
+      await srv.close()
+      await rm(dir, { recursive: true, force: true })
     }
   })
 })
