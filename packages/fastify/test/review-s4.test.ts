@@ -360,6 +360,38 @@ describe('an error handler that fails', () => {
   })
 })
 
+describe('reply.hijack()', () => {
+  // BUG: a hijacked handler that wrote its 200 by hand and then throws commits. Fastify only
+  // logs a rejection once the reply is sent (hijacked: reply.sent is true), so no onError
+  // hook runs and RequestScope#error stays unset; the unit ends on 'close' after the handler
+  // settled (request-scope.ts #watch → handlerSettled → #afterClose → #decide(200)), and the
+  // handler's rejection is dropped by #watch's `settled` (it treats both outcomes alike).
+  // The contract: a thrown error always rolls back, whatever status went out.
+  // Fix: in trackHandler (plugin.ts) or #watch, record a rejection of the handler's promise
+  // (and a synchronous throw) with this.error(...) before handlerSettled(); #afterClose then
+  // rolls back. (The promise must be watched for a hijacked reply: mark it in handlerReturned
+  // when reply.sent/hijacked, or always for hijacked replies.)
+  it.fails('a hijacked handler that throws after writing its 200 by hand rolls back, one release', async () => {
+    const { port } = await app(async (a) => {
+      await a.register(scopedSession, { scope: h.scope })
+      a.get('/hijack-throw/:id', async (request, reply) => {
+        await insert((request.params as { id: string }).id)
+        reply.hijack()
+        reply.raw.writeHead(200, { 'content-type': 'text/plain' })
+        reply.raw.end('written by hand')
+        await insert('hj-after')
+        throw new Error('failed after the response was written')
+      })
+    })
+    const r = await raw(port, '/hijack-throw/hj-1')
+    expect(r).toMatchObject({ status: 200, body: 'written by hand', ended: 'complete' })
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    expect(await exists('items', 'hj-1')).toBe(false)
+    expect(await exists('items', 'hj-after')).toBe(false)
+  })
+})
+
 describe('requests sharing one connection', () => {
   // BUG: a pipelined request whose client went away while its response waited for the socket
   // commits anyway. Node never emits 'close' on a queued pipelined ServerResponse (it has no
