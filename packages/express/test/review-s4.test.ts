@@ -269,6 +269,42 @@ describe('error handlers', () => {
   })
 })
 
+describe('a statement still running when the response ends', () => {
+  it('res.json() while a statement the handler did not await still runs: the COMMIT waits for it, the row is there when the client has the response', async () => {
+    const app = express()
+    app.use(scopedSession(d.scope))
+    let late: string | undefined
+    app.post('/unawaited/:id', async (req, res) => {
+      await insert(`${req.params.id}-first`)
+      // Not awaited: still running (100 ms) when the response ends.
+      d.db.query('INSERT INTO items SELECT $1 FROM pg_sleep(0.1)', [req.params.id]).then(
+        () => {
+          late = 'done'
+        },
+        (e: Error) => {
+          late = e.name
+        },
+      )
+      res.status(201).json({ ok: true })
+    })
+    const srv = await listen(app)
+    const count = releases(d.scope.name)
+    try {
+      const res = await fetch(`${srv.url}/unawaited/ua-1`, { method: 'POST' })
+      expect(res.status).toBe(201)
+      expect(await exists('items', 'ua-1-first')).toBe(true)
+      expect(await exists('items', 'ua-1')).toBe(true)
+      expect(late).toBe('done')
+      await res.arrayBuffer()
+      await settled(d)
+      expect(count.count).toBe(1)
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+})
+
 describe('responses ended in unusual ways', () => {
   it('res.end() twice: the first answer is what the client gets, committed first, one release', async () => {
     const app = express()
