@@ -310,9 +310,9 @@ export class RequestUnit implements TracedUnit {
       return this.#gate ? this.#gate.endAgain(res, args) : this.#end0.apply(res, args)
     }
     this.#endCalled = true
-    if (this.#ended || this.#aborted) {
-      // Aborted (client gone, timed out): nobody waits for a COMMIT. The handler may
-      // still be running; the unit ends when it settled.
+    if (this.#ended || this.#aborted || this.#gone(res)) {
+      // Aborted (client gone, timed out), or the response destroyed: nobody waits for a
+      // COMMIT. The handler may still be running; the unit ends (rolled back) when it settled.
       this.#letThrough(res, args)
       this.#endWhenSettled = true
       this.#settle()
@@ -324,7 +324,7 @@ export class RequestUnit implements TracedUnit {
       commit =
         commitOn === defaultCommitOn
           ? this.#error === undefined && res.statusCode < 500
-          : commitOn({ status: res.statusCode, error: this.#error?.value }) === true
+          : answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
     } catch (e) {
       // The response claims an outcome nobody could decide: do not send it as if committed.
       this.#report(e, 'scopedSession({ commitOn })')
@@ -362,6 +362,15 @@ export class RequestUnit implements TracedUnit {
       (error) => this.#commitFailed(res, args, error),
     )
     return res
+  }
+
+  /**
+   * The response can never be sent, though no 'close' said so yet: destroyed in
+   * this turn (Node emits 'close' a turn later), or a pipelined response still
+   * waiting for a socket its client already closed (it gets no 'close' at all).
+   */
+  #gone(res: ServerResponse): boolean {
+    return res.destroyed || (this.req.socket as { destroyed?: boolean } | null)?.destroyed === true
   }
 
   #commitFailed(res: ServerResponse, args: Args, error: unknown): void {
@@ -517,4 +526,23 @@ export class RequestUnit implements TracedUnit {
     if (onError) onError(error, { during, session: this.#sessionName() })
     else logger.error(`[scoped/express] ${during} failed (scope '${this.scope.name}'):`, error)
   }
+}
+
+/**
+ * A custom `commitOn`'s answer, which must be true or false: anything else (an
+ * async function's Promise, a forgotten `return`) would quietly roll back work
+ * behind a 2xx. It throws instead (answered 500, rolled back, reported).
+ */
+function answered(answer: unknown): boolean {
+  if (typeof answer === 'boolean') return answer
+  const thenable = typeof (answer as { then?: unknown } | null)?.then === 'function'
+  throw new TypeError(
+    `scopedSession(scope, { commitOn }): commitOn must return true or false, got ${
+      thenable
+        ? 'a Promise (it cannot be async: it decides before the response is sent)'
+        : answer === null
+          ? 'null'
+          : typeof answer
+    }`,
+  )
 }

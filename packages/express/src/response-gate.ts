@@ -46,6 +46,34 @@ const claimHeaders = [
 
 const failedBody = 'Internal Server Error'
 
+/**
+ * An encoded body (`compression()`: zlib's output, written after the handler
+ * ended its response) is held back up to this much, so a compressed
+ * `res.json()` is still decided (COMMIT, or a 500) before its first byte.
+ * Past it the body is a stream and flows; its end still waits for the COMMIT.
+ */
+export const encodedHoldLimit = 64 * 1024
+
+/**
+ * Node's own fields: `_header` is the status line and headers once generated
+ * (`headersSent` is true from then on), `_headerSent` says they went out with
+ * the first bytes. `compression()` generates them before its first write.
+ */
+interface Outgoing {
+  _header: string | null
+  _headerSent?: boolean
+}
+
+/** Bytes of this response are on the wire (or it is destroyed): its status can no longer change. */
+function onWire(res: ServerResponse): boolean {
+  return res.destroyed || (res as unknown as Outgoing)._headerSent === true
+}
+
+function isEncoded(res: ServerResponse): boolean {
+  const encoding = res.getHeader('content-encoding')
+  return encoding !== undefined && encoding !== '' && encoding !== 'identity'
+}
+
 function byteLength(chunk: unknown, encoding: unknown): number {
   if (typeof chunk === 'string') {
     return Buffer.byteLength(
@@ -70,9 +98,13 @@ export class ResponseGate {
   /** open: passing writes; holding: end() called, waiting for the verdict; released: pass-through. */
   #state: 'open' | 'holding' | 'released' = 'open'
   #endArgs: Args = []
-  /** Writes held back: the one completing Content-Length, and any after it. */
+  /** Writes held back: the one completing Content-Length and any after it, or an encoded body's. */
   #held: Args[] = []
   #written = 0
+  /** Holding an encoded body's writes (see encodedHoldLimit): how many bytes. */
+  #encodedBytes = -1
+  /** The encoded body outgrew the limit: it flows as a stream. */
+  #streaming = false
 
   /** `end` and `write`: what the response had before (Node's, or an earlier middleware's). */
   constructor(end: End, write: Write) {
@@ -110,10 +142,12 @@ export class ResponseGate {
       if (cb) process.nextTick(cb, dropped)
     }
     this.#held = []
-    if (res.headersSent || res.destroyed) {
+    if (onWire(res)) {
       res.destroy()
       return
     }
+    // Generated but not sent (compression() does so before its body): start over.
+    if (res.headersSent) (res as unknown as Outgoing)._header = null
     for (const name of claimHeaders) res.removeHeader(name)
     res.statusCode = 500
     res.statusMessage = STATUS_CODES[500] ?? failedBody
@@ -145,17 +179,47 @@ export class ResponseGate {
       if (cb) process.nextTick(cb, err)
       return false
     }
+    const len = byteLength(args[0], args[1])
     if (this.#held.length > 0) {
       this.#held.push(args)
+      if (this.#encodedBytes >= 0) {
+        this.#encodedBytes += len
+        if (this.#encodedBytes > encodedHoldLimit) return this.#flow(res)
+      }
       return true
     }
-    const len = byteLength(args[0], args[1])
     const declared = Number(res.getHeader('content-length'))
     if (len > 0 && Number.isFinite(declared) && this.#written + len >= declared) {
       this.#held.push(args)
       return true
     }
+    if (
+      len > 0 &&
+      !this.#streaming &&
+      this.#written === 0 &&
+      !onWire(res) &&
+      !Number.isFinite(declared) &&
+      isEncoded(res)
+    ) {
+      this.#encodedBytes = len
+      this.#held.push(args)
+      return true
+    }
     this.#written += len
     return this.#write.apply(res, args)
+  }
+
+  /** The held encoded body outgrew the limit: write it out, and let the rest flow. */
+  #flow(res: ServerResponse): boolean {
+    this.#encodedBytes = -1
+    this.#streaming = true
+    const held = this.#held
+    this.#held = []
+    let ok = true
+    for (const args of held) {
+      this.#written += byteLength(args[0], args[1])
+      ok = this.#write.apply(res, args)
+    }
+    return ok
   }
 }

@@ -41,6 +41,7 @@ export interface TracedUnit {
 }
 
 interface TraceContext {
+  req?: object
   res?: object
   error?: unknown
   incomingError?: unknown
@@ -126,8 +127,19 @@ export function attachUnitTo(target: object, unit: TracedUnit): void {
   elsewhere.set(target, unit)
 }
 
+/**
+ * The units of the invocation's request: through its response, or, once the
+ * response let go of its socket (a timeout answered by a listener registered
+ * before the middleware), through the request, which keeps it.
+ */
+function unitsOf(ctx: TraceContext): TracedUnit | undefined {
+  const u = unitOf(ctx.res)
+  if (u !== undefined || ctx.req === undefined) return u
+  return unitOfRequest(ctx.req)
+}
+
 function settled(ctx: TraceContext): void {
-  for (let u = unitOf(ctx.res); u !== undefined; u = u.inner) u.settled(ctx)
+  for (let u = unitsOf(ctx); u !== undefined; u = u.inner) u.settled(ctx)
 }
 
 const subscribers = {
@@ -145,6 +157,11 @@ const subscribers = {
   },
   end(message: unknown) {
     const ctx = message as TraceContext
+    // A synchronous throw of a falsy value (`throw undefined`): the router forwards it as a
+    // plain next() and publishes no `error`, but it was thrown, and must roll back.
+    if ('error' in ctx && !ctx.error) {
+      for (let u = unitOf(ctx.res); u !== undefined; u = u.inner) u.failed(ctx.error)
+    }
     // `result` or `error` set at `end`: it settled synchronously, no asyncEnd follows.
     if ('result' in ctx || 'error' in ctx) settled(ctx)
   },

@@ -1,7 +1,7 @@
 /**
  * Session 4 review probes (adversarial): real servers on 127.0.0.1, real
- * sockets, real PostgreSQL. A probe that exposes a bug is `it.fails` with the
- * bug and its cause named; the others document guarantees that held.
+ * sockets, real PostgreSQL. Comments marked "Was a bug" name what the review found (fixed the
+ * same day; each test failed before its fix); the others document guarantees.
  */
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import http from 'node:http'
@@ -100,13 +100,13 @@ function rawSocket(port: number): { socket: net.Socket; text: () => string } {
 }
 
 describe('commitOn', () => {
-  // BUG: an async commitOn (it returns a Promise) is read as "roll back" without a word:
+  // Was a bug (fixed): an async commitOn (it returns a Promise) is read as "roll back" without a word:
   // request-unit.ts resEnd compares `commitOn(...) === true`, so the client gets its 201
   // while the rows it reports are rolled back. @scoped/fastify (request-scope.ts #decide)
   // and @scoped/hono throw a TypeError for a non-boolean answer (rolled back, answered 500).
   // Fix: in resEnd, when the answer is not a boolean throw the same TypeError inside the
   // try, so the existing catch reports it and answers 500 through gate.fail().
-  it.fails('an async commitOn (a Promise, not a boolean) is refused loudly, not a silent rollback behind a 2xx', async () => {
+  it('an async commitOn (a Promise, not a boolean) is refused loudly, not a silent rollback behind a 2xx', async () => {
     const app = express()
     app.use(
       scopedSession(d.scope, {
@@ -137,7 +137,7 @@ describe('commitOn', () => {
 })
 
 describe('thrown values', () => {
-  // BUG: a synchronous `throw undefined` (or null, 0, '', false) in a handler after a
+  // Was a bug (fixed): a synchronous `throw undefined` (or null, 0, '', false) in a handler after a
   // statement commits. Express's router forwards a falsy thrown value as next() (routing
   // goes on, here to the final 404), and router 2.3 publishes no `error` event for it
   // (tracing.js wrapNext: `if (err && recordError(...))`); it only sets ctx.error = undefined
@@ -147,7 +147,7 @@ describe('thrown values', () => {
   // @scoped/fastify rolls back `throw undefined`.
   // Fix: in subscribers.end, when `'error' in ctx` (a synchronous throw) and the value is
   // not 'route'/'router', call u.failed(ctx.error) for each unit (failed() boxes it).
-  it.fails('a synchronous `throw undefined` after a statement rolls back', async () => {
+  it('a synchronous `throw undefined` after a statement rolls back', async () => {
     const app = express()
     app.use(scopedSession(d.scope))
     app.post('/throw-undefined/:id', async (req, _res, next) => {
@@ -353,7 +353,7 @@ describe('responses ended in unusual ways', () => {
     }
   })
 
-  // BUG: res.destroy() and then res.end() in the same turn (a handler that gives up on the
+  // Was a bug (fixed): res.destroy() and then res.end() in the same turn (a handler that gives up on the
   // response, then a library or a finally block that ends it) COMMITs a response that can
   // never be sent. Node emits the response's 'close' only after the socket finished closing
   // (a later turn), so resEnd (request-unit.ts, the `#ended || #aborted` check) does not
@@ -361,7 +361,7 @@ describe('responses ended in unusual ways', () => {
   // whose answer nobody will read.
   // Fix: in resEnd, treat `res.destroyed` (or a destroyed socket) like an abort: roll back,
   // let the end through, end when settled (the 'close' that follows then finds #endCalled).
-  it.fails('res.destroy() then res.end() in the same turn: rollback, not a COMMIT nobody receives', async () => {
+  it('res.destroy() then res.end() in the same turn: rollback, not a COMMIT nobody receives', async () => {
     const app = express()
     app.use(scopedSession(d.scope))
     app.post('/destroy-end/:id', async (req, res) => {
@@ -503,7 +503,7 @@ describe('compression (the npm middleware)', () => {
     }
   })
 
-  // BUG: with compression() (before or after scopedSession()), a res.json() whose COMMIT
+  // Was a bug (fixed): with compression() (before or after scopedSession()), a res.json() whose COMMIT
   // fails reaches the client as a 200 cut off mid-body instead of a 500. compression ends
   // the handler's body into zlib and writes the compressed chunks with res.write() before
   // calling res.end(); response-gate.ts write() lets a chunk through at once when there is no
@@ -516,7 +516,7 @@ describe('compression (the npm middleware)', () => {
   // past which it is a stream and flows as now — so a compressed res.json() is decided,
   // committed or answered 500 (gate.fail() drops Content-Encoding) before its first byte.
   for (const order of ['before', 'after'] as const) {
-    it.fails(`mounted ${order} scopedSession(): a failed COMMIT becomes a 500, not a cut-off 200`, async () => {
+    it(`mounted ${order} scopedSession(): a failed COMMIT becomes a 500, not a cut-off 200`, async () => {
       const app = express()
       if (order === 'before') app.use(compression())
       app.use(scopedSession(d.scope))
@@ -668,7 +668,7 @@ describe('requests sharing one connection', () => {
     }
   })
 
-  // BUG: a pipelined request whose client went away while it waited for the socket commits
+  // Was a bug (fixed): a pipelined request whose client went away while it waited for the socket commits
   // anyway. Node never emits 'close' on a queued pipelined ServerResponse (it has no socket:
   // only its IncomingMessage gets 'aborted'/'error'/'close'), and request-unit.ts watches
   // the abort only through the response's 'close' (resEvent → #onClose) and 'timeout' on
@@ -678,7 +678,7 @@ describe('requests sharing one connection', () => {
   // Fix: also treat the request's 'close' as an abort when the response has not finished
   // and the request's socket is destroyed (request.emit hook: type === 'close' &&
   // !res.writableFinished && req.socket?.destroyed → unit.#onClose()).
-  it.fails('a pipelined request whose client left while it waited for the socket rolls back', async () => {
+  it('a pipelined request whose client left while it waited for the socket rolls back', async () => {
     const app = express()
     app.use(scopedSession(d.scope))
     const started = { first: latch(), second: latch() }
@@ -726,7 +726,7 @@ describe('requests sharing one connection', () => {
 })
 
 describe('timeouts answered by a middleware mounted before scopedSession()', () => {
-  // BUG: the connection is never released (and the unit of work never ends) when a timeout
+  // Was a bug (fixed): the connection is never released (and the unit of work never ends) when a timeout
   // listener registered BEFORE scopedSession() answers the request (res.setTimeout(ms, cb) in
   // an earlier middleware, or a connect-timeout style req 'timeout') while the handler still
   // runs. The timeout aborts the unit (#onTimeout), the callback's 503 goes through resEnd's
@@ -742,7 +742,7 @@ describe('timeouts answered by a middleware mounted before scopedSession()', () 
   // whenever the unit still waits for its handlers, keep it findable from `res` itself
   // (attachUnitTo(this.res, this) before the end goes out), e.g. make leftSocket/#settle's
   // waiting state attach to res as listenerAdded() does.
-  it.fails('res.setTimeout(ms, answer 503) in an earlier middleware: rollback and one release once the handler settles', async () => {
+  it('res.setTimeout(ms, answer 503) in an earlier middleware: rollback and one release once the handler settles', async () => {
     // Its own scope and pool: the leak this probe shows is forced closed at the end.
     const t = makeDb(url, 'express_review_s4_timeout')
     const app = express()
