@@ -55,6 +55,8 @@ function trackHandler(handler: RouteHandlerMethod): RouteHandlerMethod {
     try {
       result = handler.call(this, request, reply)
     } catch (error) {
+      // Recorded here too: a hijacked reply gets no onError from Fastify.
+      scope.error(error)
       scope.handlerSettled()
       throw error
     }

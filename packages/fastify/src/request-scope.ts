@@ -48,6 +48,8 @@ export class RequestScope {
   #watching = false
   /** onSend ran: a response (or its stream) is on its way. */
   #responded = false
+  /** A stream body we wrapped is still being read: its end (or failure) ends the unit of work. */
+  #bodyInFlight = false
   /** The response went out as a rollback while the handler still ran: end when it settles. */
   #deferred = false
   /** 'close' fired on the raw response. */
@@ -117,6 +119,7 @@ export class RequestScope {
     this.#handler = 'settled'
     this.#running = undefined
     if (this.#ending) return
+    if (this.#bodyInFlight && this.#reply.raw.writableEnded) return // its body's end decides
     if (this.#deferred || this.#closed) void this.#finishQuietly(this.#afterClose())
     // Otherwise the reply is on its way: onSend (or, for a hijacked reply, 'close') ends it.
   }
@@ -129,7 +132,11 @@ export class RequestScope {
     const settled = () => {
       if (this.#running === running) this.handlerSettled()
     }
-    running.then(settled, settled)
+    // A rejection is an error even when Fastify reports none (a hijacked reply's handler).
+    running.then(settled, (error: unknown) => {
+      if (this.#running === running) this.error(error)
+      settled()
+    })
   }
 
   /**
@@ -160,7 +167,11 @@ export class RequestScope {
     const response = isResponse(payload) ? payload : undefined
     let commit: boolean
     try {
-      commit = this.#decide(response ? response.status : reply.statusCode)
+      commit =
+        this.#decide(response ? response.status : reply.statusCode) &&
+        // The client is gone though no 'close' said so: a pipelined response still waiting
+        // for its socket never gets one (Node emits it on the request only).
+        reply.request.raw.socket?.destroyed !== true
     } catch (error) {
       this.#rollBackThenFail(error as Error, done)
       return
@@ -339,6 +350,9 @@ export class RequestScope {
       })
     }
     if (this.#ending) return
+    // The response ended while the stream body we wrapped is still being read (a HEAD
+    // answered without it: Fastify drains the stream): the body's end decides.
+    if (this.#bodyInFlight && res.writableEnded) return
     if (this.#handler === 'running') {
       // It ends when the handler settles.
       this.#watch()
@@ -368,9 +382,6 @@ export class RequestScope {
   /** commitOn, guarded: an aborted request never commits; a non-boolean answer is a bug. */
   #decide(status: number): boolean {
     if (this.open.aborted) return false
-    // The client is gone though no 'close' said so: a pipelined response still waiting for
-    // its socket never gets one (Node emits it on the request only).
-    if (this.#reply.request.raw.socket?.destroyed === true) return false
     const commitOn = this.#options.commitOn
     // The default, without making its argument (#error boxes even an undefined error).
     if (commitOn === defaultCommitOn) return this.#error === undefined && status < 500
@@ -387,13 +398,17 @@ export class RequestScope {
   }
 
   #bodyEnd(commit: boolean): BodyEnd {
+    this.#bodyInFlight = true
     return {
       enter: (fn) => this.open.enter(fn),
-      end: () =>
-        this.#finish(commit).then((failure) =>
+      end: () => {
+        this.#bodyInFlight = false
+        return this.#finish(commit).then((failure) =>
           failure === undefined ? undefined : commitError(this.open.name, failure),
-        ),
+        )
+      },
       fail: () => {
+        this.#bodyInFlight = false
         void this.#finishQuietly(false)
       },
     }

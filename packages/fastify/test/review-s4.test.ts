@@ -1,7 +1,7 @@
 /**
  * Session 4 review probes (adversarial): real servers on 127.0.0.1, real
- * sockets, real PostgreSQL. A probe that exposes a bug is `it.fails` with the
- * bug and its cause named; the others document guarantees that held.
+ * sockets, real PostgreSQL. Comments marked "Was a bug" name what the review found (fixed the
+ * same day; each test failed before its fix); the others document guarantees.
  */
 import http from 'node:http'
 import net from 'node:net'
@@ -94,7 +94,7 @@ function raw(port: number, path: string, headers: Record<string, string> = {}): 
 }
 
 describe('a failed COMMIT', () => {
-  // BUG: the 500 that replaces a response whose COMMIT failed keeps every header the handler
+  // Was a bug (fixed): the 500 that replaces a response whose COMMIT failed keeps every header the handler
   // set: the Set-Cookie of a login that was rolled back reaches the client (and X-Order-Id,
   // Location, …, describing work that was not saved). request-scope.ts #endThenDeliverLater
   // hands commitError() to Fastify's onSend `done`; Fastify's error path
@@ -134,7 +134,7 @@ describe('a failed COMMIT', () => {
     expect(r.headers['set-cookie']).toBeUndefined()
   })
 
-  // BUG: a stream payload with a Content-Length (a file download: reply.header('content-length',
+  // Was a bug (fixed): a stream payload with a Content-Length (a file download: reply.header('content-length',
   // size).send(stream)) shows the client a complete 200 before its COMMIT, and a failed COMMIT
   // cannot take it back. scoped-body.ts scopedStream pump() pushes the source's last chunk
   // as soon as it is read and only then awaits body.end() (the COMMIT) before push(null);
@@ -244,7 +244,7 @@ describe('stream payloads', () => {
 })
 
 describe('HEAD', () => {
-  // BUG: HEAD of a GET route whose payload is a stream answers 200 but rolls the handler's
+  // Was a bug (fixed): HEAD of a GET route whose payload is a stream answers 200 but rolls the handler's
   // work back (GET on the same route commits, and the default commitOn says a 200 commits),
   // and the body's statements run on while the unit ends. Fastify's HEAD route drains a Node
   // stream payload (payload.resume(), lib/head-route.js) after our onSend wrapped it and ends
@@ -255,7 +255,7 @@ describe('HEAD', () => {
   // Fix: for a HEAD request with a stream payload, read it to its end inside the scope in
   // send() (the body is discarded anyway), decide and end the unit, then hand on null; and
   // in #onClose, leave the end of a unit whose stream body is still being read to that body.
-  it.fails('HEAD of a GET route whose stream payload queries as it is read: 200, no body, committed, one release', async () => {
+  it('HEAD of a GET route whose stream payload queries as it is read: 200, no body, committed, one release', async () => {
     const { port } = await app(async (a) => {
       await a.register(scopedSession, { scope: h.scope })
       a.get('/report/:id', async (request, reply) => {
@@ -375,7 +375,7 @@ describe('reply.hijack()', () => {
     return { text, socket }
   }
 
-  // BUG: a hijacked handler that wrote its 200 by hand and then throws commits. Fastify only
+  // Was a bug (fixed): a hijacked handler that wrote its 200 by hand and then throws commits. Fastify only
   // logs a rejection once the reply is sent (hijacked: reply.sent is true), so no onError
   // hook runs and RequestScope#error stays unset; the unit ends on 'close' after the handler
   // settled (request-scope.ts #watch → handlerSettled → #afterClose → #decide(200)), and the
@@ -386,7 +386,7 @@ describe('reply.hijack()', () => {
   // Fix: in trackHandler (plugin.ts) or #watch, record a rejection of the handler's promise
   // (and a synchronous throw) with this.error(...) before handlerSettled(); #afterClose then
   // rolls back.
-  it.fails('a hijacked handler that throws after writing its 200 by hand rolls back, one release', async () => {
+  it('a hijacked handler that throws after writing its 200 by hand rolls back, one release', async () => {
     const { port } = await app(async (a) => {
       await a.register(scopedSession, { scope: h.scope })
       a.get('/hijack-throw/:id', async (request, reply) => {
@@ -410,7 +410,7 @@ describe('reply.hijack()', () => {
     }
   })
 
-  // BUG (regression of 9511a65): a hijacked 200 written by hand whose handler settles after
+  // Was a bug (regression of 9511a65; fixed): a hijacked 200 written by hand whose handler settles after
   // the connection closed (Connection: close, so Node destroys the socket right after the
   // response) rolls back although nothing was thrown and the client got its 200 — the README
   // says it commits. request-scope.ts #decide now returns false whenever
@@ -419,7 +419,7 @@ describe('reply.hijack()', () => {
   // of a non-keep-alive request is always destroyed.
   // Fix: apply the destroyed-socket check only to a response that has not ended
   // (!reply.raw.writableEnded), i.e. in send()/onSend, not in #afterClose's decision.
-  it.fails('a hijacked 200 whose handler settles after the connection closed still commits', async () => {
+  it('a hijacked 200 whose handler settles after the connection closed still commits', async () => {
     const { port } = await app(async (a) => {
       await a.register(scopedSession, { scope: h.scope })
       a.get('/hijack-late/:id', async (request, reply) => {
@@ -443,7 +443,7 @@ describe('reply.hijack()', () => {
 })
 
 describe('requests sharing one connection', () => {
-  // BUG: a pipelined request whose client went away while its response waited for the socket
+  // Was a bug (fixed): a pipelined request whose client went away while its response waited for the socket
   // commits anyway. Node never emits 'close' on a queued pipelined ServerResponse (it has no
   // socket yet; only the IncomingMessage gets 'aborted'/'error'/'close'), and
   // request-scope.ts watches aborts only through reply.raw's 'close' (the constructor's
