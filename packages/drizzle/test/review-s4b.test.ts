@@ -163,4 +163,25 @@ describe('db.transaction(fn)', () => {
     expect(await values()).toEqual(['outer', 'after'])
     await settled()
   })
+
+  // BUG (contract): scopedDrizzle's JSDoc says db.transaction() is 'a SAVEPOINT when nested (so in
+  // the default transaction: 'auto' it is always a savepoint)' and the README 'a SAVEPOINT inside
+  // the unit of work (transaction: 'auto', the default)'. As the handler's first statement it is
+  // the outermost transaction instead (packages/drizzle/src/scoped-drizzle.ts:113 calls
+  // session.transaction(), which is #outermost when no statement ran: packages/core/src/
+  // session.ts:405-406): it COMMITs when fn resolves, and a later throw of the handler does not
+  // undo it. Suggested fix: say so in the README/JSDoc as @scoped/kysely's README does ('before the
+  // first statement it is the outermost transaction'), or begin the unit first in 'auto' mode.
+  it.fails("as the handler's first statement in 'auto', it is a savepoint (README): a later throw of the handler undoes it", async () => {
+    await expect(
+      scope.run(async () => {
+        await db.transaction(async (tx) => {
+          await tx.insert(notes).values({ v: 'in-first-transaction' })
+        })
+        throw new Error('handler fails after it')
+      }),
+    ).rejects.toThrow('handler fails after it')
+    expect(await values()).toEqual([])
+    await settled()
+  })
 })
