@@ -138,7 +138,7 @@ describe('db.transaction(fn)', () => {
   })
 
   // BUG: a statement whose error is caught inside db.transaction() aborts the savepoint; when fn
-  // resolves, the core sends RELEASE SAVEPOINT (packages/core/src/session.ts:940,
+  // resolves, the core sends RELEASE SAVEPOINT (packages/core/src/session.ts:946,
   // `await driver.releaseSavepoint(conn, name)` in #nested), which PostgreSQL refuses with
   // 25P02 "current transaction is aborted"; the core neither rolls back to the savepoint nor
   // names the real failure. The user reads "current transaction is aborted" from
@@ -167,7 +167,7 @@ describe('db.transaction(fn)', () => {
   // BUG (contract): scopedDrizzle's JSDoc says db.transaction() is 'a SAVEPOINT when nested (so in
   // the default transaction: 'auto' it is always a savepoint)' and the README 'a SAVEPOINT inside
   // the unit of work (transaction: 'auto', the default)'. As the handler's first statement it is
-  // the outermost transaction instead (packages/drizzle/src/scoped-drizzle.ts:113 calls
+  // the outermost transaction instead (packages/drizzle/src/scoped-drizzle.ts:117 calls
   // session.transaction(), which is #outermost when no statement ran: packages/core/src/
   // session.ts:405-406): it COMMITs when fn resolves, and a later throw of the handler does not
   // undo it. Suggested fix: say so in the README/JSDoc as @scoped/kysely's README does ('before the
