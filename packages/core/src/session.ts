@@ -181,7 +181,6 @@ export class Session<C = unknown> {
     return this.#tx.length > 0
   }
 
-  /** How the session ended, once it is closed. */
   /** @internal close() was called (it may still wait for running work), or it is closed. */
   get closeRequested(): boolean {
     return this.#closeRequested || this.#phase === 'closed'
