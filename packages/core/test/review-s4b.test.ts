@@ -321,3 +321,52 @@ describe('scope.close() racing a checkout queued in the pool', () => {
     expectSettled(driver, scope)
   })
 })
+
+describe('runJob({ timeoutMs }) while its checkout waits in the pool queue', () => {
+  it('the job rejects with the timeout, leaves the queue, and the holder’s connection goes back to the pool, not to the dead waiter', async () => {
+    const { driver, scope } = make(new FakeDriver(1))
+    let release!: () => void
+    const holding = new Promise<void>((r) => {
+      release = r
+    })
+    let started!: () => void
+    const isHolding = new Promise<void>((r) => {
+      started = r
+    })
+    const holder = scope.run(async () => {
+      await scope.getSession().use(async (c) => {
+        await driver.query(c, 'INSERT held')
+        started()
+        await holding
+      })
+    })
+    await isHolding
+    let ran = false
+    const job = scope.runJob(
+      async () => {
+        await scope.getSession().use((c) => {
+          ran = true
+          return driver.query(c, 'INSERT job')
+        })
+      },
+      { timeoutMs: 20, name: 'queued' },
+    )
+    const err = await job.then(
+      () => undefined,
+      (e: unknown) => e,
+    )
+    expect(err).toMatchObject({ name: 'ScopeAbortedError', kind: 'timeout' })
+    expect(scope.stats().waiting).toBe(0)
+    release()
+    await holder
+    expect(ran).toBe(false)
+    expect(driver.releases).toEqual([expect.objectContaining({ id: 1, destroy: false })])
+    expect(driver.poolStats()).toMatchObject({ idle: 1, waiting: 0 })
+    expectSettled(driver, scope)
+    // The pool still serves.
+    await scope.run(async () => {
+      await scope.getSession().use((c) => driver.query(c, 'INSERT next'))
+    })
+    expect(driver.conns[0]!.log).toContain('INSERT next')
+  })
+})

@@ -213,3 +213,34 @@ describe("release: 'idle'", () => {
     await expectPoolIdle()
   })
 })
+
+describe('maxHoldMs takes the connection under a running handler', () => {
+  it('the EntityManager then fails with SESSION_CLOSED, the backend is closed (not pooled), the next session works', async () => {
+    const held = createScope({
+      driver: mikroOrmDriver(orm),
+      default: false,
+      name: 'mikro-s4b-held',
+      maxHoldMs: 100,
+    })
+    let firstPid = 0
+    const run = held.run(async () => {
+      const em = await currentEntityManager(held)
+      const [r] = await em.execute('SELECT pg_backend_pid() AS pid')
+      firstPid = r!.pid
+      em.persist(em.create(NoteSchema, { v: 'taken' }))
+      while (held.stats().holding > 0) await new Promise((res) => setImmediate(res))
+      await em.execute(`INSERT INTO notes (v) VALUES ('after-taken')`)
+    })
+    await expect(run).rejects.toMatchObject({ code: 'SESSION_CLOSED' })
+    expect(held.stats().totals.destroyed).toBe(1)
+    expect(await values()).toEqual([])
+    await scope.run(async () => {
+      const em = await currentEntityManager(scope)
+      const [r] = await em.execute('SELECT pg_backend_pid() AS pid')
+      expect(r!.pid).not.toBe(firstPid)
+      em.persist(em.create(NoteSchema, { v: 'next' }))
+    })
+    expect(await values()).toEqual(['next'])
+    await expectPoolIdle()
+  })
+})

@@ -191,3 +191,71 @@ describe('scopedManager', () => {
     await settled()
   })
 })
+
+describe('maxHoldMs takes the connection under a running handler', () => {
+  // BUG: maxHoldMs (or close()'s timeout) takes the connection: the core calls the driver's
+  // cancel and release, and the TypeORM driver's release first awaits the cancel's round trip
+  // (packages/typeorm/src/typeorm-driver.ts:122-124, `if (cancelling) await cancelling`) before it
+  // marks the QueryRunner released (releasePostgresConnection, line 145). Meanwhile the manager
+  // from currentManager() still has a live QueryRunner (isReleased false): a statement the handler
+  // sends in that window runs on the connection the session no longer holds — in
+  // transaction: 'none' it is autocommitted and stays written although the run rejects. The
+  // MikroORM driver swaps in its closed driver before awaiting anything (mikro-orm-driver.ts:379-389),
+  // so its EntityManager fails with SESSION_CLOSED at once (see packages/mikro-orm/test/
+  // review-s4b.test.ts). Suggested fix: at the top of release(), before any await, make the runner
+  // refuse statements (e.g. replace qr.query with one that rejects SessionClosedError, or mark it
+  // released and let the driver end the client itself).
+  it.fails("in transaction: 'none', a statement sent right after the take is refused, not autocommitted", async () => {
+    const held = createScope({
+      driver: typeormDriver(dataSource),
+      default: false,
+      name: 'typeorm-s4b-held',
+      maxHoldMs: 100,
+    })
+    let firstPid = 0
+    let late: unknown = 'not sent'
+    // The cancel the take sends is held until the late statement settled, so the window is
+    // deterministic (without this it is the CancelRequest's round trip, and the statement
+    // sometimes runs, sometimes is cut off by the release).
+    let openCancel!: () => void
+    const cancelGate = new Promise<void>((r) => {
+      openCancel = r
+    })
+    const run = held.run(
+      async () => {
+        const em = await currentManager(held)
+        const client = (em.queryRunner as unknown as { databaseConnection: any }).databaseConnection
+        const Real = client.connection.constructor
+        class GatedConnection extends Real {
+          connect(...args: unknown[]) {
+            void cancelGate.then(() => super.connect(...args))
+          }
+        }
+        Object.defineProperty(client.connection, 'constructor', {
+          value: GatedConnection,
+          configurable: true,
+        })
+        ;[{ pid: firstPid }] = await em.query('SELECT pg_backend_pid() AS pid')
+        while (held.stats().holding > 0) await new Promise((res) => setImmediate(res))
+        late = await em.insert(NoteSchema, { v: 'after-taken' }).then(
+          () => 'ran',
+          (e: Error) => e,
+        )
+        openCancel()
+      },
+      { transaction: 'none' },
+    )
+    await run.catch(() => {})
+    openCancel()
+    expect(held.stats().totals.destroyed).toBe(1)
+    // The pool recovers with a fresh backend.
+    await scope.run(async () => {
+      const [{ pid }] = await db.query('SELECT pg_backend_pid() AS pid')
+      expect(pid).not.toBe(firstPid)
+    })
+    await settled()
+    // What fails today: the late insert ran ('ran') and its row is committed.
+    expect(late).toBeInstanceOf(Error)
+    expect(await values()).toEqual([])
+  })
+})
