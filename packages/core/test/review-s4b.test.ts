@@ -370,3 +370,42 @@ describe('runJob({ timeoutMs }) while its checkout waits in the pool queue', () 
     expect(driver.conns[0]!.log).toContain('INSERT next')
   })
 })
+
+describe('scope.close({ timeoutMs }) during a loop iteration that outlives it', () => {
+  it('the iteration’s connection is destroyed once at the timeout, the loop settles after the iteration, no new iteration starts', async () => {
+    const { driver, scope } = make(new FakeDriver(2), { onError: () => {} })
+    const ac = new AbortController()
+    let iterations = 0
+    let finish!: () => void
+    const finished = new Promise<void>((r) => {
+      finish = r
+    })
+    let inside!: () => void
+    const isInside = new Promise<void>((r) => {
+      inside = r
+    })
+    let lateUse: unknown
+    const loop = scope.loop(
+      async () => {
+        iterations++
+        const s = scope.getSession()
+        await s.use((c) => driver.query(c, 'INSERT a'))
+        inside()
+        await finished
+        lateUse = await s.use((c) => driver.query(c, 'INSERT late')).catch((e: unknown) => e)
+      },
+      { signal: ac.signal, backoff: { initialMs: 0, maxMs: 0 } },
+    )
+    await isInside
+    await scope.close({ timeoutMs: 20 })
+    expect(driver.releases).toEqual([expect.objectContaining({ id: 1, destroy: true })])
+    expect(driver.ended).toBe(true)
+    finish()
+    await expect(loop).resolves.toBeUndefined()
+    expect(iterations).toBe(1)
+    expect(lateUse).toBeInstanceOf(SessionClosedError)
+    expect(driver.conns.flatMap((c) => c.log)).not.toContain('INSERT late')
+    expect(driver.releases).toHaveLength(1)
+    expectSettled(driver, scope)
+  })
+})
