@@ -409,3 +409,47 @@ describe('scope.close({ timeoutMs }) during a loop iteration that outlives it', 
     expectSettled(driver, scope)
   })
 })
+
+describe('maxHoldMs during an outermost transaction(fn) whose fn then resolves', () => {
+  // BUG: maxHoldMs takes the connection (destroyed, no COMMIT) while an outermost transaction(fn)
+  // runs; fn then resolves without touching the session again. #outermost calls
+  // #endTransaction(true) (packages/core/src/session.ts:890), which finds the stack emptied by the
+  // take (#finishRelease, session.ts:1183) and no connection, and ends it as an empty unit
+  // (session.ts:981 → #endEmptyTransaction): transaction() resolves with fn's result as if it
+  // had committed, although its UPDATE was discarded with the connection (afterRollback ran,
+  // afterCommit did not; only the run's end rejects, later). Code after `await transaction()`
+  // (mark the batch done, send the e-mail) acts on a rollback. Suggested fix: after fn resolves
+  // in #outermost (and in #nested), check #unusable('transaction()') / the phase and throw the
+  // closed error when the session was taken, instead of ending an 'empty' transaction.
+  it.fails('transaction() does not resolve as committed: it rejects, afterCommit hooks do not run', async () => {
+    const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30, onError: () => {} })
+    const ran: string[] = []
+    let result: unknown
+    await scope
+      .run(
+        async () => {
+          const s = scope.getSession()
+          result = await s
+            .transaction(async () => {
+              await s.use((c) => driver.query(c, 'UPDATE 1'))
+              s.afterCommit(() => {
+                ran.push('afterCommit')
+              })
+              s.afterRollback(() => {
+                ran.push('afterRollback')
+              })
+              await waitFor('maxHoldMs', () => driver.releases.length === 1)
+              return 'fn resolved'
+            })
+            .catch((e: unknown) => e)
+        },
+        { transaction: 'none' },
+      )
+      .catch(() => {})
+    expect(driver.conns[0]!.log).not.toContain('COMMIT')
+    expect(driver.releases).toEqual([expect.objectContaining({ id: 1, destroy: true })])
+    expect(ran).not.toContain('afterCommit')
+    expect(result).toBeInstanceOf(SessionClosedError)
+    expectSettled(driver, scope)
+  })
+})
