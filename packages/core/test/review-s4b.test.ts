@@ -91,8 +91,8 @@ describe('diagnostics_channel subscribers that throw', () => {
 
 describe('onError / logger that throw', () => {
   // BUG: an afterCommit hook fails and the scope's onError throws while reporting it: #runHooks
-  // (packages/core/src/session.ts:1275-1283) lets onError's throw escape, so the commit chain
-  // (session.ts:1000, andThen(#runHooks(...), then)) hands it to #finishClose as the failure of
+  // (packages/core/src/session.ts:1274-1282) lets onError's throw escape, so the commit chain
+  // (session.ts:999 in #endTransaction, andThen(#runHooks(...), then)) hands it to #finishClose as the failure of
   // the COMMIT. The data is committed, yet scope.run() rejects with onError's error and the
   // session's outcome reads 'rolled-back' — a caller that retries on failure writes twice; the
   // README says a hook's error "never turns a commit into a failure". Suggested fix: guard the
@@ -120,8 +120,8 @@ describe('onError / logger that throw', () => {
   })
 
   // BUG: a scope that throws, with a failing afterRollback hook and an onError that throws: the
-  // hook's report throws inside the rollback (session.ts:1044 → #runHooks → core.report), the end
-  // rejects, and ScopeImpl.#rollBack (packages/core/src/scope.ts:629-636) reports that failure
+  // hook's report throws inside the rollback (#rollBackUnit, session.ts:1043 → #runHooks → core.report), the end
+  // rejects, and ScopeImpl.#rollBack (packages/core/src/scope.ts:630-637) reports that failure
   // again through the same onError — which throws again, out of the catch block, replacing the
   // handler's own error. The user reads 'onError itself failed' instead of why the request failed.
   // Suggested fix: as above, core.report never throws.
@@ -172,11 +172,11 @@ describe('onError / logger that throw', () => {
 
 describe('maxHoldMs in the middle of a transaction', () => {
   // BUG: maxHoldMs takes the connection while a savepoint's fn runs. #finishRelease empties the
-  // transaction stack (packages/core/src/session.ts:1183, this.#tx.length = 0); when fn then
+  // transaction stack (packages/core/src/session.ts:1182, this.#tx.length = 0); when fn then
   // rejects (its next use gets SessionClosedError), #nested's catch calls #popFrame(frame)
-  // (session.ts:934), which finds its frame gone and throws TransactionStateError "transaction()
+  // (session.ts:933), which finds its frame gone and throws TransactionStateError "transaction()
   // calls … overlapped (two ran at once at the same depth). Fix: await one transaction() before
-  // starting the next" (session.ts:952-960), replacing the SessionClosedError that names
+  // starting the next" (#popFrame, session.ts:952-960), replacing the SessionClosedError that names
   // maxHoldMs. The same happens to a savepoint open when scope.close({ timeoutMs }) forces the
   // release. Suggested fix: in #nested, when the session was force-released (phase closed /
   // #closedHow set) rethrow fn's error (or #closedError) instead of calling #popFrame; or make
@@ -413,8 +413,8 @@ describe('scope.close({ timeoutMs }) during a loop iteration that outlives it', 
 describe('maxHoldMs during an outermost transaction(fn) whose fn then resolves', () => {
   // BUG: maxHoldMs takes the connection (destroyed, no COMMIT) while an outermost transaction(fn)
   // runs; fn then resolves without touching the session again. #outermost calls
-  // #endTransaction(true) (packages/core/src/session.ts:890), which finds the stack emptied by the
-  // take (#finishRelease, session.ts:1183) and no connection, and ends it as an empty unit
+  // #endTransaction(true) (packages/core/src/session.ts:891), which finds the stack emptied by the
+  // take (#finishRelease, session.ts:1182) and no connection, and ends it as an empty unit
   // (session.ts:981 → #endEmptyTransaction): transaction() resolves with fn's result as if it
   // had committed, although its UPDATE was discarded with the connection (afterRollback ran,
   // afterCommit did not; only the run's end rejects, later). Code after `await transaction()`

@@ -138,7 +138,7 @@ describe('db.transaction(fn)', () => {
   })
 
   // BUG: a statement whose error is caught inside db.transaction() aborts the savepoint; when fn
-  // resolves, the core sends RELEASE SAVEPOINT (packages/core/src/session.ts:946,
+  // resolves, the core sends RELEASE SAVEPOINT (packages/core/src/session.ts:945,
   // `await driver.releaseSavepoint(conn, name)` in #nested), which PostgreSQL refuses with
   // 25P02 "current transaction is aborted"; the core neither rolls back to the savepoint nor
   // names the real failure. The user reads "current transaction is aborted" from
@@ -169,7 +169,7 @@ describe('db.transaction(fn)', () => {
   // the unit of work (transaction: 'auto', the default)'. As the handler's first statement it is
   // the outermost transaction instead (packages/drizzle/src/scoped-drizzle.ts:117 calls
   // session.transaction(), which is #outermost when no statement ran: packages/core/src/
-  // session.ts:405-406): it COMMITs when fn resolves, and a later throw of the handler does not
+  // session.ts:404-405): it COMMITs when fn resolves, and a later throw of the handler does not
   // undo it. Suggested fix: say so in the README/JSDoc as @scoped/kysely's README does ('before the
   // first statement it is the outermost transaction'), or begin the unit first in 'auto' mode.
   it.fails("as the handler's first statement in 'auto', it is a savepoint (README): a later throw of the handler undoes it", async () => {
