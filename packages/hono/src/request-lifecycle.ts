@@ -144,8 +144,10 @@ export class RequestLifecycle<C> {
   /** Resolves once the response is over or its client gone (after watch()). */
   whenGone(): Promise<void> {
     if (this.#closed) return Promise.resolve()
+    this.#goneWaiters ??= []
+    const waiters = this.#goneWaiters
     return new Promise((resolve) => {
-      ;(this.#goneWaiters ??= []).push(resolve)
+      waiters.push(resolve)
     })
   }
 
