@@ -565,11 +565,22 @@ export class ScopeImpl<C> implements Scope<C> {
           channels.error.publish({ scope: scope.name, session, error, during })
         }
         const onError = scope.options.onError
-        if (onError) {
-          onError(error, { during, ...(session && { session: session.name }) })
-        } else {
-          scope.options.logger.error(
-            `[scoped] ${during} failed${session ? ` in session '${session.name}'` : ''} (scope '${scope.name}'):`,
+        try {
+          if (onError) {
+            onError(error, { during, ...(session && { session: session.name }) })
+          } else {
+            scope.options.logger.error(
+              `[scoped] ${during} failed${session ? ` in session '${session.name}'` : ''} (scope '${scope.name}'):`,
+              error,
+            )
+          }
+        } catch (reportError) {
+          // Reporting must never change an outcome (a COMMIT that happened, the error the
+          // caller gets): a reporter that throws is said on stderr, with what it was reporting.
+          console.error(
+            `[scoped] the scope '${scope.name}' ${onError ? 'onError' : 'logger.error'} threw while reporting that ${during} failed:`,
+            reportError,
+            '\nwhat it was reporting:',
             error,
           )
         }

@@ -880,6 +880,7 @@ export class Session<C = unknown> {
       try {
         result = await fn()
       } catch (e) {
+        if (this.#forced) throw this.#takenError(e)
         if (this.#tx.length > 0) await this.#endTransaction(false, e)
         if (attempt < attempts && this.#core.driver.isRetryable?.(e) && !this.#frame.aborted) {
           await sleep(backoffMs * 2 ** (attempt - 1) * (0.5 + Math.random()))
@@ -887,6 +888,9 @@ export class Session<C = unknown> {
         }
         throw e
       }
+      // Taken by force while fn ran (maxHoldMs, a shutdown): nothing was committed, whatever
+      // fn returned.
+      if (this.#forced) throw this.#takenError()
       try {
         await this.#endTransaction(true)
       } catch (e) {
@@ -930,23 +934,64 @@ export class Session<C = unknown> {
     try {
       result = await fn()
     } catch (e) {
+      // Taken by force meanwhile (maxHoldMs, a shutdown): the stack went with the connection.
+      if (this.#forced) throw this.#takenError(e)
       this.#popFrame(frame)
-      try {
-        await driver.rollbackToSavepoint(conn, name)
-      } catch (rbErr) {
-        this.#noteError(conn, rbErr)
-        this.#dirty = true
-        throw e
-      }
-      await this.#runHooks(frame.afterRollback, 'afterRollback')
+      await this.#rollBackSavepoint(conn, name, frame)
       throw e
     }
+    if (this.#forced) throw this.#takenError()
     this.#popFrame(frame)
-    await driver.releaseSavepoint(conn, name)
+    try {
+      await driver.releaseSavepoint(conn, name)
+    } catch (releaseError) {
+      if (this.#forced) throw this.#takenError(releaseError)
+      // A statement inside failed and fn caught its error: the database aborted the
+      // savepoint, so it cannot be released. Roll back to it: its writes are undone, and the
+      // unit of work around it goes on (the savepoint was there to protect it).
+      await this.#rollBackSavepoint(conn, name, frame, releaseError)
+      throw new TransactionStateError(
+        `transaction() on session '${this.name}' (savepoint ${name}) was rolled back, not released: ` +
+          'a statement inside it failed and fn caught the error, so the database had aborted the savepoint. ' +
+          'Its writes are undone; the unit of work around it goes on. Fix: let the error propagate out of fn, ' +
+          'or give the failing statement a transaction(fn) of its own.',
+        { cause: releaseError },
+      )
+    }
     const parent = this.#tx[this.#tx.length - 1] ?? root!
     addHooks(parent, 'afterCommit', frame.afterCommit)
     addHooks(parent, 'afterRollback', frame.afterRollback)
     return result
+  }
+
+  /** ROLLBACK TO the savepoint, then its afterRollback hooks; if that fails too, the connection is not trusted and `failure` is thrown. */
+  async #rollBackSavepoint(
+    conn: C,
+    name: string,
+    frame: TxFrame,
+    failure?: unknown,
+  ): Promise<void> {
+    try {
+      await this.#core.driver.rollbackToSavepoint!(conn, name)
+    } catch (rbErr) {
+      this.#noteError(conn, rbErr)
+      this.#dirty = true
+      if (failure !== undefined) throw failure
+      return
+    }
+    await this.#runHooks(frame.afterRollback, 'afterRollback')
+  }
+
+  /**
+   * The connection was taken by force under a transaction(fn) (maxHoldMs, a
+   * shutdown): nothing of it was committed. fn's own SessionClosedError, or one
+   * that says so (with fn's error as its cause).
+   */
+  #takenError(cause?: unknown): Error {
+    if (cause instanceof SessionClosedError) return cause
+    const closed = this.#closedError('transaction()')
+    if (cause !== undefined) closed.cause = cause
+    return closed
   }
 
   #popFrame(frame: TxFrame): void {

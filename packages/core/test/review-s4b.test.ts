@@ -90,7 +90,7 @@ describe('diagnostics_channel subscribers that throw', () => {
 })
 
 describe('onError / logger that throw', () => {
-  // BUG: an afterCommit hook fails and the scope's onError throws while reporting it: #runHooks
+  // Was a bug (fixed): an afterCommit hook fails and the scope's onError throws while reporting it: #runHooks
   // (packages/core/src/session.ts:1274-1282) lets onError's throw escape, so the commit chain
   // (session.ts:999 in #endTransaction, andThen(#runHooks(...), then)) hands it to #finishClose as the failure of
   // the COMMIT. The data is committed, yet scope.run() rejects with onError's error and the
@@ -98,7 +98,7 @@ describe('onError / logger that throw', () => {
   // README says a hook's error "never turns a commit into a failure". Suggested fix: guard the
   // reporting itself (core.report catches a throwing onError/logger and publishes or
   // queueMicrotask-rethrows it), so no reporting path can change an outcome.
-  it.fails('onError that throws while reporting a failing afterCommit hook does not turn the commit into a failure', async () => {
+  it('onError that throws while reporting a failing afterCommit hook does not turn the commit into a failure', async () => {
     const { driver, scope } = make(new FakeDriver(), {
       onError: () => {
         throw new Error('onError itself failed')
@@ -119,13 +119,13 @@ describe('onError / logger that throw', () => {
     expectSettled(driver, scope)
   })
 
-  // BUG: a scope that throws, with a failing afterRollback hook and an onError that throws: the
+  // Was a bug (fixed): a scope that throws, with a failing afterRollback hook and an onError that throws: the
   // hook's report throws inside the rollback (#rollBackUnit, session.ts:1043 → #runHooks → core.report), the end
   // rejects, and ScopeImpl.#rollBack (packages/core/src/scope.ts:630-637) reports that failure
   // again through the same onError — which throws again, out of the catch block, replacing the
   // handler's own error. The user reads 'onError itself failed' instead of why the request failed.
   // Suggested fix: as above, core.report never throws.
-  it.fails("a handler's error reaches the caller even when a hook and then onError throw during the rollback", async () => {
+  it("a handler's error reaches the caller even when a hook and then onError throw during the rollback", async () => {
     const { driver, scope } = make(new FakeDriver(), {
       onError: () => {
         throw new Error('onError itself failed')
@@ -171,7 +171,7 @@ describe('onError / logger that throw', () => {
 })
 
 describe('maxHoldMs in the middle of a transaction', () => {
-  // BUG: maxHoldMs takes the connection while a savepoint's fn runs. #finishRelease empties the
+  // Was a bug (fixed): maxHoldMs takes the connection while a savepoint's fn runs. #finishRelease empties the
   // transaction stack (packages/core/src/session.ts:1182, this.#tx.length = 0); when fn then
   // rejects (its next use gets SessionClosedError), #nested's catch calls #popFrame(frame)
   // (session.ts:933), which finds its frame gone and throws TransactionStateError "transaction()
@@ -181,7 +181,7 @@ describe('maxHoldMs in the middle of a transaction', () => {
   // release. Suggested fix: in #nested, when the session was force-released (phase closed /
   // #closedHow set) rethrow fn's error (or #closedError) instead of calling #popFrame; or make
   // #popFrame a no-op when the stack was emptied by a release.
-  it.fails('inside a savepoint: transaction() rejects with SessionClosedError naming maxHoldMs; destroyed once', async () => {
+  it('inside a savepoint: transaction() rejects with SessionClosedError naming maxHoldMs; destroyed once', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30 })
     let taken!: () => void
     const wasTaken = new Promise<void>((r) => {
@@ -411,7 +411,7 @@ describe('scope.close({ timeoutMs }) during a loop iteration that outlives it', 
 })
 
 describe('maxHoldMs during an outermost transaction(fn) whose fn then resolves', () => {
-  // BUG: maxHoldMs takes the connection (destroyed, no COMMIT) while an outermost transaction(fn)
+  // Was a bug (fixed): maxHoldMs takes the connection (destroyed, no COMMIT) while an outermost transaction(fn)
   // runs; fn then resolves without touching the session again. #outermost calls
   // #endTransaction(true) (packages/core/src/session.ts:891), which finds the stack emptied by the
   // take (#finishRelease, session.ts:1182) and no connection, and ends it as an empty unit
@@ -421,7 +421,7 @@ describe('maxHoldMs during an outermost transaction(fn) whose fn then resolves',
   // (mark the batch done, send the e-mail) acts on a rollback. Suggested fix: after fn resolves
   // in #outermost (and in #nested), check #unusable('transaction()') / the phase and throw the
   // closed error when the session was taken, instead of ending an 'empty' transaction.
-  it.fails('transaction() does not resolve as committed: it rejects, afterCommit hooks do not run', async () => {
+  it('transaction() does not resolve as committed: it rejects, afterCommit hooks do not run', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30, onError: () => {} })
     const ran: string[] = []
     let result: unknown

@@ -98,12 +98,12 @@ describe('stream() in the unit of work', () => {
 })
 
 describe('a statement error caught inside db.transaction() (a savepoint)', () => {
-  // BUG (core, shared with @scoped/drizzle, see packages/drizzle/test/review-s4b.test.ts): fn
+  // Was a bug (core, shared with @scoped/drizzle, see packages/drizzle/test/review-s4b.test.ts; fixed): fn
   // resolves after catching its statement's error; the core sends RELEASE SAVEPOINT on the aborted
   // savepoint (#nested, packages/core/src/session.ts:945), PostgreSQL answers 25P02, and no ROLLBACK TO
   // SAVEPOINT follows: db.transaction() rejects with "current transaction is aborted" and the
   // outer unit can no longer commit (the scope rejects with TransactionStateError at COMMIT).
-  it.fails('the savepoint is rolled back, the caller reads no 25P02, and the outer unit commits', async () => {
+  it('the savepoint is rolled back, the caller reads no 25P02, and the outer unit commits', async () => {
     const { db, scope } = f
     await scope.run(async () => {
       await db.insertInto('orders').values({ note: 'outer' }).execute()

@@ -5,7 +5,7 @@ import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
 import type pg from 'pg'
 import { CancelGuard } from './cancel.js'
-import { isFatalPgError, isRetryablePgError } from './errors.js'
+import { commitRefusal, isFatalPgError, isRetryablePgError } from './errors.js'
 
 export interface PgDriverOptions {
   /**
@@ -308,13 +308,8 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
         return Promise.reject(e)
       }
       return sent.then((result) => {
-        if (result.command === 'ROLLBACK') {
-          throw new TransactionStateError(
-            'COMMIT was turned into ROLLBACK by PostgreSQL: a statement in this transaction failed ' +
-              'earlier and its error was caught, so nothing was committed. Fix: let the error propagate, ' +
-              'or run the statement that may fail in a nested transaction(fn) (a savepoint) to recover from it.',
-          )
-        }
+        const refused = commitRefusal(result)
+        if (refused) throw refused
       })
     },
     rollback(client) {

@@ -3,6 +3,23 @@
  * transaction again". By SQLSTATE where the server sent one, by the socket
  * error or pg's own message where it did not.
  */
+import { TransactionStateError } from '@scoped/core'
+
+/**
+ * Whether PostgreSQL answered a COMMIT with ROLLBACK (the command tag of its
+ * result): a statement of the transaction failed and its error was caught, so
+ * the transaction was aborted and nothing was committed. Then the error to
+ * throw; undefined when the COMMIT committed. For drivers that send COMMIT
+ * themselves (pgDriver, @scoped/mikro-orm).
+ */
+export function commitRefusal(result: unknown): TransactionStateError | undefined {
+  if ((result as { command?: unknown } | null | undefined)?.command !== 'ROLLBACK') return undefined
+  return new TransactionStateError(
+    'COMMIT was turned into ROLLBACK by PostgreSQL: a statement in this transaction failed ' +
+      'earlier and its error was caught, so nothing was committed. Fix: let the error propagate, ' +
+      'or run the statement that may fail in a nested transaction(fn) (a savepoint) to recover from it.',
+  )
+}
 
 /** SQLSTATEs after which the backend (or the socket) is gone. */
 const fatalStates = new Set([
