@@ -69,8 +69,9 @@ export type ScopedDrizzle<TSchema extends Record<string, unknown>> = NodePgDatab
  * queries, `execute`) run on the current request's or job's pg client, inside
  * its unit of work; outside a scope they throw `NoActiveScopeError`, after the
  * request ended `SessionClosedError`. `db.transaction(fn, config)` is the
- * session's `transaction()`: BEGIN … COMMIT, or a SAVEPOINT when nested (so
- * in the default `transaction: 'auto'` it is always a savepoint); `tx.rollback()`
+ * session's `transaction()`: a SAVEPOINT when a transaction is open (in
+ * `'auto'`, once the unit of work ran a statement), else BEGIN … COMMIT — also
+ * as the scope's first statement, where it commits when `fn` returns; `tx.rollback()`
  * and a nested `tx.transaction()` work as in Drizzle.
  *
  * The scope's driver is `pgDriver(pool)` from `@scoped/pg`: checkout, BEGIN,

@@ -137,7 +137,7 @@ describe('db.transaction(fn)', () => {
     await settled()
   })
 
-  // BUG: a statement whose error is caught inside db.transaction() aborts the savepoint; when fn
+  // Was a bug (fixed): a statement whose error is caught inside db.transaction() aborts the savepoint; when fn
   // resolves, the core sends RELEASE SAVEPOINT (packages/core/src/session.ts:945,
   // `await driver.releaseSavepoint(conn, name)` in #nested), which PostgreSQL refuses with
   // 25P02 "current transaction is aborted"; the core neither rolls back to the savepoint nor
@@ -146,7 +146,7 @@ describe('db.transaction(fn)', () => {
   // commit any more (its COMMIT answers ROLLBACK). Suggested fix: when releaseSavepoint fails,
   // ROLLBACK TO SAVEPOINT (run afterRollback hooks) and reject with a TransactionStateError
   // saying a statement inside the savepoint failed and its error was caught.
-  it.fails('a statement error caught inside it: the savepoint is rolled back and the outer unit commits', async () => {
+  it('a statement error caught inside it: the savepoint is rolled back and the outer unit commits', async () => {
     await scope.run(async () => {
       await db.insert(notes).values({ v: 'outer' })
       await db
@@ -164,15 +164,10 @@ describe('db.transaction(fn)', () => {
     await settled()
   })
 
-  // BUG (contract): scopedDrizzle's JSDoc says db.transaction() is 'a SAVEPOINT when nested (so in
-  // the default transaction: 'auto' it is always a savepoint)' and the README 'a SAVEPOINT inside
-  // the unit of work (transaction: 'auto', the default)'. As the handler's first statement it is
-  // the outermost transaction instead (packages/drizzle/src/scoped-drizzle.ts:117 calls
-  // session.transaction(), which is #outermost when no statement ran: packages/core/src/
-  // session.ts:404-405): it COMMITs when fn resolves, and a later throw of the handler does not
-  // undo it. Suggested fix: say so in the README/JSDoc as @scoped/kysely's README does ('before the
-  // first statement it is the outermost transaction'), or begin the unit first in 'auto' mode.
-  it.fails("as the handler's first statement in 'auto', it is a savepoint (README): a later throw of the handler undoes it", async () => {
+  // Was a contract bug (docs fixed): the README and JSDoc said db.transaction() is always a
+  // savepoint in 'auto'. As the handler's first statement it is the outermost transaction (the
+  // core's rule, as @scoped/kysely's README says): it commits when fn resolves. Now documented.
+  it("as the handler's first statement in 'auto', it is the outermost transaction (README): committed when fn returns, a later throw does not undo it", async () => {
     await expect(
       scope.run(async () => {
         await db.transaction(async (tx) => {
@@ -181,7 +176,7 @@ describe('db.transaction(fn)', () => {
         throw new Error('handler fails after it')
       }),
     ).rejects.toThrow('handler fails after it')
-    expect(await values()).toEqual([])
+    expect(await values()).toEqual(['in-first-transaction'])
     await settled()
   })
 })

@@ -7,7 +7,13 @@ import { EventType, type TransactionEventType } from '@mikro-orm/core'
 import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
 import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { SessionClosedError, TransactionStateError } from '@scoped/core'
-import { CancelGuard, type CancellableClient, isFatalPgError, isRetryablePgError } from '@scoped/pg'
+import {
+  CancelGuard,
+  type CancellableClient,
+  commitRefusal,
+  isFatalPgError,
+  isRetryablePgError,
+} from '@scoped/pg'
 
 /** The raw pg client knex hands out; `__knex__disposed` is knex's own "never reuse" mark. */
 interface RawConnection extends CancellableClient {
@@ -304,8 +310,13 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       p.line.begin = undefined
       return
     }
-    await p.connection.query(sql)
+    const result = await p.connection.query(sql)
     log(em, sql)
+    // A statement failed and the handler caught its error: PostgreSQL answers COMMIT with ROLLBACK.
+    if (sql === 'COMMIT') {
+      const refused = commitRefusal(result)
+      if (refused) throw refused
+    }
   }
 
   /** At COMMIT/ROLLBACK: a savepoint still open (a release that failed) would stall the next one's; start afresh. */

@@ -92,13 +92,13 @@ describe("MikroORM's em.transactional() inside the unit of work ('auto')", () =>
 })
 
 describe('a statement that fails', () => {
-  // BUG: a statement whose error the handler caught aborts the transaction; PostgreSQL then
+  // Was a bug (fixed): a statement whose error the handler caught aborts the transaction; PostgreSQL then
   // answers COMMIT with the command tag ROLLBACK and no error. The driver's commit sends COMMIT
   // and ignores the tag (packages/mikro-orm/src/mikro-orm-driver.ts:302-309, `end()`), so the run
   // resolves as if the unit committed, and nothing was written. @scoped/pg (driver.ts:311),
   // @scoped/kysely (kysely-driver.ts:316) and @scoped/typeorm (typeorm-driver.ts commit) all
   // reject with TransactionStateError here.
-  it.fails('caught by the handler: the run rejects (TransactionStateError), nothing is committed', async () => {
+  it('caught by the handler: the run rejects (TransactionStateError), nothing is committed', async () => {
     const run = scope.run(async () => {
       const em = await currentEntityManager(scope)
       await em.execute(`INSERT INTO notes (v) VALUES ('before-error')`)

@@ -4,7 +4,7 @@
  * `EntityManager` is `queryRunner.manager`.
  */
 import type { Driver, PoolStats, TxOptions } from '@scoped/core'
-import { TransactionStateError } from '@scoped/core'
+import { SessionClosedError, TransactionStateError } from '@scoped/core'
 import { CancelGuard, type CancellableClient, isFatalPgError, isRetryablePgError } from '@scoped/pg'
 import type { DataSource, QueryRunner } from 'typeorm'
 import { rememberDataSource } from './data-sources.js'
@@ -54,6 +54,18 @@ function driverError(error: unknown): unknown {
     return (error as { driverError: unknown }).driverError ?? error
   }
   return error
+}
+
+/** A released QueryRunner's query(): what a kept EntityManager sends after its session ended. */
+function refusedQuery(): Promise<never> {
+  return Promise.reject(
+    new SessionClosedError(
+      { id: '-', name: 'unknown' },
+      'a query through its QueryRunner (the EntityManager of currentManager())',
+      'its session released the connection (its request or job ended, or maxHoldMs or a shutdown took it)',
+      undefined,
+    ),
+  )
 }
 
 /**
@@ -119,6 +131,11 @@ export function typeormDriver(dataSource: DataSource): Driver<QueryRunner> {
       return qr
     },
     async release(qr, { destroy, error }) {
+      // Before any await: from now on the runner (and the EntityManager over it, from
+      // currentManager()) refuses statements. maxHoldMs or a shutdown may take the connection
+      // under a running handler, and what it sends next must not run on a connection its
+      // session let go of (autocommitted, or on the connection's next holder).
+      ;(qr as unknown as { query: unknown }).query = refusedQuery
       const client = pgClient(qr)
       const cancelling = client && cancels.settled(client)
       if (cancelling) await cancelling
