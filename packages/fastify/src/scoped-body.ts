@@ -25,6 +25,32 @@ export interface BodyEnd {
 
 const noop = () => {}
 
+/** What `LastHeld.pass()` returns when it keeps the chunk back and has nothing to pass on yet. */
+const nothing = Symbol('nothing')
+
+/**
+ * With `holdLast`, each chunk is passed on only once the next one came, so the
+ * last one is still here when the source ends; without, every chunk at once.
+ */
+class LastHeld {
+  #hold: boolean
+  #held: unknown = nothing
+  constructor(holdLast: boolean) {
+    this.#hold = holdLast
+  }
+  /** The chunk to pass on now for `chunk`, or `nothing`. */
+  pass(chunk: unknown): unknown {
+    if (!this.#hold) return chunk
+    const previous = this.#held
+    this.#held = chunk
+    return previous
+  }
+  /** The chunk kept back at the end, or `nothing`. */
+  get last(): unknown {
+    return this.#held
+  }
+}
+
 /**
  * @internal A Node.js stream payload (anything with `pipe()`). With
  * `holdLast` (the reply has a Content-Length, so its last byte ends the
@@ -43,8 +69,7 @@ export function scopedStream(
   let iterator: AsyncIterator<unknown> | undefined
   let pulling = false
   let over = false
-  let held: unknown
-  let holding = false
+  const hold = new LastHeld(holdLast)
   const out = new Readable({
     read() {
       if (pulling) return
@@ -73,20 +98,13 @@ export function scopedStream(
           over = true
           const failure = await body.end()
           if (failure === undefined) {
-            if (holding) out.push(held)
+            if (hold.last !== nothing) out.push(hold.last)
             out.push(null)
           } else out.destroy(failure instanceof Error ? failure : new Error(String(failure)))
           return
         }
-        let chunk = next.value
-        if (holdLast) {
-          const previous = held
-          const had = holding
-          held = chunk
-          holding = true
-          if (!had) continue
-          chunk = previous
-        }
+        const chunk = hold.pass(next.value)
+        if (chunk === nothing) continue
         if (!out.push(chunk)) {
           pulling = false
           return
@@ -112,8 +130,7 @@ export function scopedWebStream(
 ): ReadableStream {
   const reader = source.getReader()
   let over = false
-  let held: unknown
-  let holding = false
+  const hold = new LastHeld(holdLast)
   return new ReadableStream({
     pull(controller) {
       return body.enter(async () => {
@@ -127,22 +144,15 @@ export function scopedWebStream(
             throw error
           }
           if (!next.done) {
-            if (!holdLast) {
-              controller.enqueue(next.value)
-              return
-            }
-            const previous = held
-            const had = holding
-            held = next.value
-            holding = true
-            if (!had) continue
-            controller.enqueue(previous)
+            const chunk = hold.pass(next.value)
+            if (chunk === nothing) continue
+            controller.enqueue(chunk)
             return
           }
           over = true
           const failure = await body.end()
           if (failure === undefined) {
-            if (holding) controller.enqueue(held)
+            if (hold.last !== nothing) controller.enqueue(hold.last)
             controller.close()
           } else controller.error(failure)
           return
