@@ -103,8 +103,6 @@ export class ResponseGate {
   #written = 0
   /** Holding an encoded body's writes (see encodedHoldLimit): how many bytes. */
   #encodedBytes = -1
-  /** The encoded body outgrew the limit: it flows as a stream. */
-  #streaming = false
 
   /** `end` and `write`: what the response had before (Node's, or an earlier middleware's). */
   constructor(end: End, write: Write) {
@@ -195,7 +193,7 @@ export class ResponseGate {
     }
     if (
       len > 0 &&
-      !this.#streaming &&
+      // Nothing written yet (an encoded body that outgrew the limit has: it flows).
       this.#written === 0 &&
       !onWire(res) &&
       !Number.isFinite(declared) &&
@@ -212,7 +210,6 @@ export class ResponseGate {
   /** The held encoded body outgrew the limit: write it out, and let the rest flow. */
   #flow(res: ServerResponse): boolean {
     this.#encodedBytes = -1
-    this.#streaming = true
     const held = this.#held
     this.#held = []
     let ok = true
