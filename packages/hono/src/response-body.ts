@@ -146,15 +146,9 @@ export async function inspectBody(
   res: Response,
   gone?: () => Promise<unknown>,
 ): Promise<BodyState> {
-  let stream: ReadableStream<unknown> | null
-  const cached = lightweightBody(res)
-  if (cached) {
-    if (isFixed(cached.body)) return { kind: 'finished' }
-    stream = cached.body as ReadableStream<unknown>
-  } else {
-    stream = res.body
-  }
-  if (stream === null || typeof stream.getReader !== 'function') return { kind: 'finished' }
+  // Strings, bytes, blobs and no body at all have no stream: finished by definition.
+  const stream = streamOf(res)
+  if (stream === null) return { kind: 'finished' }
   // Someone else reads it already: nothing we can hold back, so treat it as sent.
   if (stream.locked) return { kind: 'finished' }
   const reader = stream.getReader()
