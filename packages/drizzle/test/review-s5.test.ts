@@ -120,7 +120,7 @@ describe('relational queries under Promise.all in one session', () => {
         'c1:cy',
       ])
     }
-    const [x, y] = out.slice(11) as { rows: { pid: number; xid: string }[] }[]
+    const [x, y] = out.slice(11) as unknown as { rows: { pid: number; xid: string }[] }[]
     expect(x!.rows[0]).toEqual(y!.rows[0])
     expect(scope.stats().totals.acquired - before).toBe(1)
     expect(await titles()).toEqual(['a1', 'a2', 'b1', 'c1'])
