@@ -389,7 +389,7 @@ describe('mounting', () => {
     })
     const app = express()
     app.use(scopedSession(d.scope))
-    app.use((req, _res, next) => {
+    app.use((_req, _res, next) => {
       seen.push(d.scope.getSession().id)
       next()
     })
