@@ -317,6 +317,21 @@ export class OpenScope<C> {
   }
 
   /**
+   * @internal Run a `transaction(fn)`'s fn: inside this scope, and known to be
+   * inside transaction `tx` (so a transaction() started beside it, not inside
+   * it, can be told apart and refused).
+   */
+  enterTransaction<T>(tx: object, fn: () => T): T {
+    return this.#scope.als.run(new InTransaction(this, tx), fn)
+  }
+
+  /** @internal The transaction whose fn the caller runs inside, if any (and if the context was kept). */
+  transactionHere(): object | undefined {
+    const store = this.#scope.als.getStore()
+    return store instanceof InTransaction && store.open === this ? store.tx : undefined
+  }
+
+  /**
    * Abort: the unit of work becomes rollback-only, `session.signal` aborts, a
    * pending checkout stops waiting, and (with `cancel`) the running statement is
    * cancelled on the server. The connection is NOT released here: that waits
@@ -422,7 +437,7 @@ export class OpenScope<C> {
   /** A commit was asked for: it must have happened. */
   #checkCommitted(commit: boolean, s: Session<C> | undefined): void {
     if (commit && this.aborted) throw this.aborted
-    if (commit && s?.forced) {
+    if (commit && s?.lostUnit) {
       throw new TransactionStateError(
         `The unit of work of '${this.name}' was not committed: ${s.closedReason}.`,
       )
@@ -438,6 +453,29 @@ export class OpenScope<C> {
   }
 }
 
+/**
+ * The AsyncLocalStorage store while a `transaction(fn)`'s fn runs: its scope,
+ * and which transaction. `getSession()` and `remove()` see the scope through it.
+ */
+class InTransaction<C> {
+  constructor(
+    readonly open: OpenScope<C>,
+    readonly tx: object,
+  ) {}
+
+  current(call: string): Session<C> {
+    return this.open.current(call)
+  }
+
+  get ended(): boolean {
+    return this.open.ended
+  }
+
+  remove(): Promise<void> {
+    return this.open.remove()
+  }
+}
+
 let scopeCount = 0
 /** More free AbortControllers than checkouts that wait at once would only hold memory. */
 const maxFreeSignals = 64
@@ -447,7 +485,7 @@ export class ScopeImpl<C> implements Scope<C> {
   readonly name: string
   readonly driver: Driver<C>
   readonly options: ResolvedOptions
-  readonly als = new AsyncLocalStorage<OpenScope<C>>()
+  readonly als = new AsyncLocalStorage<OpenScope<C> | InTransaction<C>>()
   readonly core: ScopeCore<C>
   /** The open scopes: a list linked through OpenScope.prevOpen/nextOpen (newest first), and its length. */
   #openHead: OpenScope<C> | undefined

@@ -19,7 +19,12 @@
 import type { Deadline } from './deadlines.js'
 import { channels } from './diagnostics.js'
 import type { TxOptions } from './driver.js'
-import { ScopeClosedError, SessionClosedError, TransactionStateError } from './errors.js'
+import {
+  ScopeClosedError,
+  ScopedError,
+  SessionClosedError,
+  TransactionStateError,
+} from './errors.js'
 import { callSite, captureStack, type Holder, userFrames } from './holders.js'
 import type { OpenScope as Frame, ScopeCore } from './scope.js'
 
@@ -50,6 +55,12 @@ interface TxFrame {
   savepoint: string | undefined
   /** Opened by `transaction(fn)` (its end is fn's end), not by the unit of work. */
   explicit: boolean
+  /**
+   * Opened by `transactionAround()`: its statements and nested transactions come
+   * from outside fn (Kysely's begin … commit), so one started beside it cannot be
+   * told from one inside it.
+   */
+  around: boolean
   /** `noHooks` until a hook is registered (most units of work register none). */
   afterCommit: Hook[]
   afterRollback: Hook[]
@@ -144,6 +155,8 @@ export class Session<C = unknown> {
   #outcome: SessionOutcome | undefined
   #closedHow = ''
   #forced = false
+  /** Taken by force while the end's COMMIT was on the wire, which then succeeded. */
+  #committedAnyway = false
   #closedAt: Error | undefined
   /** For the `scoped:close` event's duration. */
   #createdAt = performance.now()
@@ -218,6 +231,15 @@ export class Session<C = unknown> {
   /** True when the connection was taken by force (maxHoldMs, shutdown timeout). */
   get forced(): boolean {
     return this.#forced
+  }
+
+  /**
+   * @internal True when the connection was taken by force before the unit of
+   * work committed: false when its COMMIT succeeded anyway (the force came
+   * while the COMMIT was on the wire, or while afterCommit hooks ran).
+   */
+  get lostUnit(): boolean {
+    return this.#forced && !this.#committedAnyway
   }
 
   /** Why the session is closed, in words (for messages), once it is. */
@@ -301,8 +323,10 @@ export class Session<C = unknown> {
       },
       (e: unknown) => {
         this.#waiting--
+        // A BEGIN that failed because maxHoldMs or a shutdown took the connection under it.
+        const error = this.#forced ? this.#takenError(e, 'use()') : e
         this.#useEnded()
-        throw e
+        throw error
       },
     )
   }
@@ -355,22 +379,18 @@ export class Session<C = unknown> {
   /** `onBegan` once a pipelined BEGIN is answered; if it failed, the use ends with its error. */
   #afterBegan<T>(onBegan: () => T): Promise<T> {
     return this.#beganOrThrow().then(onBegan, (e: unknown) => {
+      const error = this.#forced ? this.#takenError(e, 'use()') : e
       this.#useEnded()
-      throw e
+      throw error
     })
   }
 
   /** The use's statement failed: note a broken connection, say who took a forced one. */
   #useFailed(conn: C, e: unknown): never {
     this.#noteError(conn, e)
-    let error = e
-    if (this.#forced) {
-      // The connection was taken by force under this use: the driver only says "Connection
-      // terminated"; say who took it and why (maxHoldMs, shutdown), keeping the driver's error.
-      const closed = this.#closedError('use()')
-      closed.cause = e
-      error = closed
-    }
+    // Taken by force under this use: the driver only says "Connection terminated"; say who
+    // took it and why (maxHoldMs, shutdown), keeping the driver's error.
+    const error = this.#forced ? this.#takenError(e, 'use()') : e
     this.#useEnded()
     throw error
   }
@@ -392,7 +412,21 @@ export class Session<C = unknown> {
    *   { isolation: 'serializable', retry: { attempts: 3 } })
    * ```
    */
-  async transaction<T>(fn: () => Promise<T>, opts: TxOptions = {}): Promise<T> {
+  transaction<T>(fn: () => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    return this.#transaction(fn, opts, false)
+  }
+
+  /**
+   * @internal `transaction(fn)` for a driver whose transaction API begins and
+   * ends in separate calls (Kysely's begin … commit): fn only waits for the
+   * end, and the transaction's statements come from elsewhere. Nested and
+   * concurrent transactions then cannot be told apart (see `#nested`).
+   */
+  transactionAround<T>(fn: () => Promise<T>, opts: TxOptions = {}): Promise<T> {
+    return this.#transaction(fn, opts, true)
+  }
+
+  async #transaction<T>(fn: () => Promise<T>, opts: TxOptions, around: boolean): Promise<T> {
     if (typeof fn !== 'function') {
       throw new TypeError(`transaction(fn): fn must be a function, got ${typeof fn}`)
     }
@@ -401,8 +435,8 @@ export class Session<C = unknown> {
     validateTxOptions(opts)
     this.#inFlight++
     try {
-      if (this.#tx.length > 0) return await this.#nested(fn, opts)
-      return await this.#outermost(fn, opts)
+      if (this.#tx.length > 0) return await this.#nested(fn, opts, around)
+      return await this.#outermost(fn, opts, around)
     } finally {
       this.#settle()
     }
@@ -835,6 +869,7 @@ export class Session<C = unknown> {
     const frame: TxFrame = {
       savepoint: undefined,
       explicit,
+      around: false,
       afterCommit: this.#pending?.afterCommit ?? noHooks,
       afterRollback: this.#pending?.afterRollback ?? noHooks,
     }
@@ -861,7 +896,7 @@ export class Session<C = unknown> {
     return began.then(then as () => R, failed)
   }
 
-  async #outermost<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
+  async #outermost<T>(fn: () => Promise<T>, opts: TxOptions, around: boolean): Promise<T> {
     const attempts = opts.retry?.attempts ?? 1
     const backoffMs = opts.retry?.backoffMs ?? 10
     for (let attempt = 1; ; attempt++) {
@@ -872,13 +907,15 @@ export class Session<C = unknown> {
       if (this.#ready) await this.#ready
       if (this.#tx.length > 0) {
         // Another first use began the unit of work meanwhile: we are nested in it.
-        return this.#nested(fn, opts)
+        return this.#nested(fn, opts, around)
       }
       const conn = this.#conn as C
       await this.#setReady(this.#begin(opts, true, () => conn))
+      const root = this.#tx[0] as TxFrame
+      root.around = around
       let result: T
       try {
-        result = await fn()
+        result = await (around ? fn() : this.#frame.enterTransaction(root, fn))
       } catch (e) {
         if (this.#forced) throw this.#takenError(e)
         if (this.#tx.length > 0) await this.#endTransaction(false, e)
@@ -904,7 +941,7 @@ export class Session<C = unknown> {
     }
   }
 
-  async #nested<T>(fn: () => Promise<T>, opts: TxOptions): Promise<T> {
+  async #nested<T>(fn: () => Promise<T>, opts: TxOptions, around: boolean): Promise<T> {
     const root = this.#tx[0]
     if (opts.isolation !== undefined || opts.readOnly !== undefined) {
       throw new TransactionStateError(
@@ -921,18 +958,40 @@ export class Session<C = unknown> {
     }
     const conn = await (this.#ready ?? this.#prepare())
     if (this.#began) await this.#beganOrThrow()
+    const top = this.#tx[this.#tx.length - 1]
+    if (top?.explicit && !top.around && this.#frame.transactionHere() !== top) {
+      // Started beside a running transaction(fn), not inside its fn: on the one connection it
+      // would be a savepoint inside the other, undone when the other rolls back even after it
+      // resolved. Refused before anything runs.
+      throw new TransactionStateError(
+        `transaction() on session '${this.name}' was called while another transaction(fn) of the session ` +
+          'is running, from outside that fn (two at once, e.g. Promise.all). On its one connection it would ' +
+          'become part of the other and be undone if the other rolls back. Nothing of it ran. Fix: await one ' +
+          'transaction() before starting the next, or give parallel work scopes of its own (runJob). ' +
+          '(A call inside the other fn that reached here through a callback API which loses AsyncLocalStorage ' +
+          'context looks the same: keep the context, e.g. with AsyncResource.bind.)',
+      )
+    }
     const name = `scoped_sp_${++this.#savepoints}`
     const frame: TxFrame = {
       savepoint: name,
       explicit: true,
+      around,
       afterCommit: noHooks,
       afterRollback: noHooks,
     }
-    await driver.savepoint(conn, name)
+    // On the stack before the SAVEPOINT is answered, so a transaction() started meanwhile
+    // beside this one sees it.
     this.#tx.push(frame)
+    try {
+      await driver.savepoint(conn, name)
+    } catch (e) {
+      if (this.#tx[this.#tx.length - 1] === frame) this.#tx.pop()
+      throw e
+    }
     let result: T
     try {
-      result = await fn()
+      result = await (around ? fn() : this.#frame.enterTransaction(frame, fn))
     } catch (e) {
       // Taken by force meanwhile (maxHoldMs, a shutdown): the stack went with the connection.
       if (this.#forced) throw this.#takenError(e)
@@ -983,13 +1042,13 @@ export class Session<C = unknown> {
   }
 
   /**
-   * The connection was taken by force under a transaction(fn) (maxHoldMs, a
-   * shutdown): nothing of it was committed. fn's own SessionClosedError, or one
-   * that says so (with fn's error as its cause).
+   * The connection was taken by force under `call` (maxHoldMs, a shutdown):
+   * nothing of it was committed. The call's own SessionClosedError, or one
+   * that says so (with the driver's or fn's error as its cause).
    */
-  #takenError(cause?: unknown): Error {
+  #takenError(cause?: unknown, call = 'transaction()'): Error {
     if (cause instanceof SessionClosedError) return cause
-    const closed = this.#closedError('transaction()')
+    const closed = this.#closedError(call)
     if (cause !== undefined) closed.cause = cause
     return closed
   }
@@ -1037,6 +1096,8 @@ export class Session<C = unknown> {
     }
     return committing.then(
       () => {
+        // maxHoldMs or a shutdown may have taken the connection meanwhile: it committed anyway.
+        if (this.#forced) this.#committedAnyway = true
         this.#core.committed++
         if (channels.commit.hasSubscribers)
           channels.commit.publish({ scope: this.#core.name, session: this })
@@ -1148,7 +1209,8 @@ export class Session<C = unknown> {
 
   /** close() once no tracked use runs: end the transaction, if any, then release. */
   #closeIdle(commit: boolean): Promise<SessionOutcome> {
-    this.#clearTimers()
+    // The timers stay armed: maxHoldMs bounds a COMMIT that hangs, or an afterCommit hook
+    // that never settles, as it bounds a statement (the release clears them).
     if (this.#phase === 'closed') return Promise.resolve(this.#outcome!) // force-released while we waited
     const conn = this.#conn
     const wantCommit = this.#startClose(commit)
@@ -1176,9 +1238,9 @@ export class Session<C = unknown> {
   /** The transaction (if any) has ended: release the connection, into 'closed'. */
   #finishClose(conn: C | undefined, wantCommit: boolean, failure: unknown): SessionOutcome {
     if (this.#phase === 'closed') {
-      // Taken by force (a shutdown's timeout) while its COMMIT or ROLLBACK ran: the connection
-      // is gone already, and the outcome is 'destroyed'.
-      if (failure !== undefined) throw failure
+      // Taken by force (maxHoldMs, a shutdown's timeout) while its COMMIT, ROLLBACK or hooks
+      // ran: the connection is gone already, and the outcome is 'destroyed'.
+      if (failure !== undefined) throw this.#lostCommit(failure)
       return this.#outcome!
     }
     const committed = wantCommit && failure === undefined
@@ -1196,6 +1258,19 @@ export class Session<C = unknown> {
     this.#publishClose()
     if (failure !== undefined) throw failure
     return this.#outcome
+  }
+
+  /**
+   * The COMMIT failed after maxHoldMs or a shutdown took its connection (the
+   * socket was destroyed under it): whether the server committed is unknown.
+   */
+  #lostCommit(failure: unknown): Error {
+    if (failure instanceof ScopedError) return failure
+    return new TransactionStateError(
+      `COMMIT of session '${this.name}' (${this.id}) did not complete: ${this.#closedHow} while it ran, ` +
+        'so whether the database committed is unknown. Check for the writes before retrying the work.',
+      { cause: failure },
+    )
   }
 
   /** No transaction is open at the end: hooks registered for the unit of work still learn its fate. */
@@ -1304,6 +1379,7 @@ export class Session<C = unknown> {
       this.#pending ??= {
         savepoint: undefined,
         explicit: false,
+        around: false,
         afterCommit: noHooks,
         afterRollback: noHooks,
       }

@@ -78,7 +78,7 @@ describe('maxHoldMs while the unit of work ends', () => {
   // as COMMIT takes — forever here — and the pool starves. Should: "past maxHoldMs the
   // connection is destroyed, even under running work" (README) — the COMMIT included: one
   // release, destroyed, and the run rejects naming maxHoldMs.
-  it.fails('a COMMIT that hangs: the connection is destroyed at maxHoldMs, once, and the run rejects naming maxHoldMs', async () => {
+  it('a COMMIT that hangs: the connection is destroyed at maxHoldMs, once, and the run rejects naming maxHoldMs', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30, onError: () => {} })
     const commit = gateOp(driver, 'commit')
     const run = scope
@@ -103,7 +103,7 @@ describe('maxHoldMs while the unit of work ends', () => {
   // maxHoldMs set: hooks run before the release (#endTransaction → #runHooks → then finish), and
   // the hold deadline was cleared when close began (#closeIdle → #clearTimers). Should: the
   // connection is given back (or destroyed) by maxHoldMs at the latest; the hook may go on.
-  it.fails('an afterCommit hook that never settles: the connection does not outlive maxHoldMs', async () => {
+  it('an afterCommit hook that never settles: the connection does not outlive maxHoldMs', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30, onError: () => {} })
     const hook = deferred<void>()
     const run = scope.run(async () => {
@@ -150,7 +150,7 @@ describe('maxHoldMs while the unit of work ends', () => {
   // in use() — session.ts `(this.#ready ?? this.#prepare()).then(..., e => { ...; throw e })` —
   // does not). Should: SessionClosedError naming maxHoldMs, with the driver's error as cause,
   // as when the same BEGIN succeeds (review-s4 'maxHoldMs while a use waits on the BEGIN').
-  it.fails('during the unit BEGIN, which then fails: the use rejects with SessionClosedError naming maxHoldMs', async () => {
+  it('during the unit BEGIN, which then fails: the use rejects with SessionClosedError naming maxHoldMs', async () => {
     const { driver, scope } = make(new FakeDriver(), { maxHoldMs: 30, onError: () => {} })
     const begin = gateOp(driver, 'begin')
     const r = await scope
@@ -221,7 +221,7 @@ describe('scope.close() with sessions at every stage', () => {
   // already 'closed', session.ts `#finishClose`). Should: an error naming the shutdown
   // (ScopeAbortedError 'shutdown' or SessionClosedError "scope.close() timed out"), the COMMIT's
   // error as its cause — what the sessions taken mid-statement get.
-  it.fails('mid-COMMIT, the COMMIT then failing: the run rejects with an error naming the shutdown', async () => {
+  it('mid-COMMIT, the COMMIT then failing: the run rejects with an error naming the shutdown', async () => {
     const { driver, scope } = make(new FakeDriver(), { onError: () => {} })
     const commit = gateOp(driver, 'commit')
     const run = scope
@@ -244,7 +244,7 @@ describe('scope.close() with sessions at every stage', () => {
   // "The unit of work ... was not committed" (OpenScope.#checkCommitted, scope.ts, trusts
   // `s.forced` over the COMMIT's result): a caller that retries on that duplicates committed
   // work. Should: not claim "was not committed" when the COMMIT succeeded and its hooks ran.
-  it.fails('mid-COMMIT, the COMMIT then succeeding: the run does not say "was not committed" while afterCommit ran', async () => {
+  it('mid-COMMIT, the COMMIT then succeeding: the run does not say "was not committed" while afterCommit ran', async () => {
     const { driver, scope } = make(new FakeDriver(), { onError: () => {} })
     const commit = gateOp(driver, 'commit')
     const ran: string[] = []

@@ -229,3 +229,29 @@ describe('db.transaction() nested twice, the inner one calling tx.rollback()', (
     expect(await titles()).toEqual(['a1', 'a2', 'b1', 'kept'])
   })
 })
+
+describe('two db.transaction() calls at once in one session', () => {
+  // Before the core told inside from beside: the second became a savepoint inside the first,
+  // resolved, and the first's later rollback undid its row without a word.
+  it('the one started beside the other is refused before it runs; the first rolls back alone; the unit commits the rest', async () => {
+    const settled = await scope.run(async () => {
+      await db.insert(posts).values({ authorId: 1, title: 'unit' })
+      return Promise.allSettled([
+        db.transaction(async (tx) => {
+          await tx.insert(posts).values({ authorId: 1, title: 't1' })
+          await tx.execute(sql`SELECT pg_sleep(0.05)`)
+          throw new Error('t1 failed')
+        }),
+        db.transaction(async (tx) => {
+          await tx.insert(posts).values({ authorId: 2, title: 't2' })
+        }),
+      ])
+    })
+    expect(settled[0]).toMatchObject({ status: 'rejected', reason: { message: 't1 failed' } })
+    expect(settled[1]).toMatchObject({ status: 'rejected' })
+    expect(String((settled[1] as PromiseRejectedResult).reason)).toMatch(
+      /TransactionStateError.*called while another transaction\(fn\) of the session is running/,
+    )
+    expect(await titles()).toEqual(['a1', 'a2', 'b1', 'unit'])
+  })
+})

@@ -106,7 +106,7 @@ export class SessionConnection implements RoutedConnection {
     const begun = new Promise<void>((resolve) => {
       started = resolve
     })
-    const done = this.session.transaction(() => {
+    const done = this.session.transactionAround(() => {
       started()
       return outcome
     }, opts)

