@@ -22,7 +22,12 @@ import { type BodyState, liveBody } from './response-body.js'
 
 /** The parts of node's `ServerResponse` (`env.outgoing` on `@hono/node-server`) we rely on. */
 interface RawResponse {
-  readonly writableFinished: boolean
+  /**
+   * `end()` was called: the response was complete when it closed. (Not
+   * `writableFinished`: Node's HTTP/2 response reports that true after a
+   * client's RST_STREAM too.)
+   */
+  readonly writableEnded: boolean
   readonly closed?: boolean
   on(event: 'close', listener: () => void): unknown
 }
@@ -30,7 +35,7 @@ interface RawResponse {
 function rawResponse(env: unknown): RawResponse | undefined {
   if (typeof env !== 'object' || env === null) return undefined
   const out = (env as { outgoing?: Partial<RawResponse> }).outgoing
-  if (out && typeof out.on === 'function' && typeof out.writableFinished === 'boolean') {
+  if (out && typeof out.on === 'function' && typeof out.writableEnded === 'boolean') {
     return out as RawResponse
   }
   return undefined
@@ -98,8 +103,8 @@ export class RequestLifecycle<C> {
     if (raw) {
       // 'close' fires on every path: after a clean finish, on client aborts, on
       // socket timeouts. Before the finish it means the client is gone.
-      if (raw.closed) this.#gone(raw.writableFinished)
-      else raw.on('close', () => this.#gone(raw.writableFinished))
+      if (raw.closed) this.#gone(raw.writableEnded)
+      else raw.on('close', () => this.#gone(raw.writableEnded))
     } else {
       // Other runtimes (Bun, Deno, app.request()): the request's signal is all there is.
       const signal = request.signal

@@ -17,6 +17,29 @@ import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
 import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
 
+/**
+ * The scopes whose middleware already runs for a request, on its Context: a
+ * second mount of the same scope (the app and a sub-app under `app.route()`)
+ * joins the request's unit of work instead of opening another.
+ */
+const kMounted = Symbol('scoped.mounted')
+type Mounted = { [kMounted]?: Scope<unknown> | Scope<unknown>[] }
+
+/** Mark `target` as running for `c`; false when it already was (the chain is covered). */
+function markMounted(c: Context, target: Scope<unknown>): boolean {
+  const marked = c as unknown as Mounted
+  const mounted = marked[kMounted]
+  if (mounted === undefined) {
+    marked[kMounted] = target
+    return true
+  }
+  if (mounted === target) return false
+  const list = Array.isArray(mounted) ? mounted : [mounted]
+  if (list.includes(target)) return false
+  marked[kMounted] = [...list, target]
+  return true
+}
+
 /** Replace the response outright: Hono's `c.res` setter would merge the old one's headers in. */
 function replaceResponse(c: Context, res: Response | undefined): void {
   c.res = undefined
@@ -63,6 +86,7 @@ export function scopedSession<C = unknown>(
   const defaultName = opts.name === routeName
 
   return function scopedSession(c, next) {
+    if (!markMounted(c, target as Scope<unknown>)) return next()
     let name: string | (() => string)
     if (defaultName) name = lazyRouteName(c)
     else {
@@ -149,8 +173,14 @@ function commitFailed(c: Context, e: unknown): never {
  */
 function discardResponse(c: Context): void {
   const headers = c.res.headers
-  for (const name of [...new Set(headers.keys())]) headers.delete(name)
+  const names = [...new Set(headers.keys())]
+  for (const name of names) headers.delete(name)
   replaceResponse(c, undefined)
+  // The Response may hold a copy of the prepared headers (c.redirect()'s Location, an ETag
+  // set with c.header() before c.body()): clear them where c.header() keeps them, with no
+  // response in place (c.header() on a finalized Context would copy the response instead).
+  c.finalized = false
+  for (const name of names) c.header(name, undefined)
 }
 
 /** Everything but the common case: an Error app.onError answered, a timeout, a client gone, a body to read ahead. */
