@@ -19,6 +19,11 @@ export interface ScopedPoolOptions {
 }
 
 export interface ScopedPool {
+  /** `pool.query({ text, rowMode: 'array' })`: rows as arrays, as pg.Pool types it. */
+  query<R extends any[] = any[], I extends unknown[] = unknown[]>(
+    queryConfig: pg.QueryArrayConfig<I>,
+    values?: I,
+  ): Promise<pg.QueryArrayResult<R>>
   /** `pool.query()`'s signature; runs on the current session's connection, one statement at a time. */
   query<R extends pg.QueryResultRow = any, I extends unknown[] = unknown[]>(
     queryTextOrConfig: string | pg.QueryConfig<I>,

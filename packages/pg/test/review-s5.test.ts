@@ -294,10 +294,13 @@ describe('scopedPool.query(config)', () => {
   it("rowMode 'array' and a types override reach pg and come back as pg would give them", async () => {
     const { scope, db } = setup()
     const r = await scope.run(async () => {
-      // pg.Pool's query() has an overload for QueryArrayConfig; ScopedPool's type lacks it, so
-      // `rowMode` does not typecheck here (the call works at run time): cast.
-      const arrayConfig = { text: 'SELECT 1::int AS a, 2::int AS b', rowMode: 'array' }
-      const arr = await db.query(arrayConfig as pg.QueryConfig)
+      // Typed as pg.Pool's QueryArrayConfig overload: rows are arrays.
+      const arr = await db.query<[number, number]>({
+        text: 'SELECT 1::int AS a, 2::int AS b',
+        rowMode: 'array',
+      })
+      const [a, b]: [number, number] = arr.rows[0]!
+      expect(a + b).toBe(3)
       const typed = await db.query({
         text: "SELECT '42'::int8 AS big, now() AS ts",
         types: {
