@@ -71,6 +71,11 @@ interface TraceContext {
  */
 const kUnit = Symbol('@scoped/express unit')
 const elsewhere = new WeakMap<object, TracedUnit>()
+/**
+ * Nothing was ever put in `elsewhere`: a lookup there would miss, so it is skipped (the
+ * usual process, whose units all sit on their sockets, never looks). Once set, it stays.
+ */
+let elsewhereEmpty = true
 
 interface Hooked {
   [kUnit]?: TracedUnit
@@ -84,7 +89,7 @@ export function unitOf<U extends TracedUnit>(res: object | null | undefined): U 
     const u = socket[kUnit]
     if (u !== undefined && u.res === res) return u as U
   }
-  return elsewhere.get(res) as U | undefined
+  return elsewhereEmpty ? undefined : (elsewhere.get(res) as U | undefined)
 }
 
 /**
@@ -105,7 +110,7 @@ export function unitOfRequest<U extends TracedUnit>(req: object): U | undefined 
 
 /** The unit put under `target` itself by attachUnitTo() (not one found through a socket). */
 export function unitAttachedTo<U extends TracedUnit>(target: object): U | undefined {
-  return elsewhere.get(target) as U | undefined
+  return elsewhereEmpty ? undefined : (elsewhere.get(target) as U | undefined)
 }
 
 /** Make `unit` the first unit of its response: under its socket when that is free. */
@@ -119,11 +124,12 @@ export function attachUnit(unit: TracedUnit): void {
       return
     }
   }
-  elsewhere.set(res, unit)
+  attachUnitTo(res, unit)
 }
 
 /** Under `target` itself (`res` or `req`), to be found there whatever its socket holds. */
 export function attachUnitTo(target: object, unit: TracedUnit): void {
+  elsewhereEmpty = false
   elsewhere.set(target, unit)
 }
 
@@ -157,15 +163,21 @@ const subscribers = {
   },
   end(message: unknown) {
     const ctx = message as TraceContext
+    // `result` or `error` set at `end`: it settled synchronously, no asyncEnd follows.
+    if ('result' in ctx) {
+      settled(ctx)
+      return
+    }
+    if (!('error' in ctx)) return
     // A synchronous throw of a falsy value (`throw undefined`): the router forwards it as a
     // plain next() and publishes no `error`, but it was thrown, and must roll back.
-    if ('error' in ctx && !ctx.error) {
+    if (!ctx.error) {
       for (let u = unitOf(ctx.res); u !== undefined; u = u.inner) u.failed(ctx.error)
     }
-    // `result` or `error` set at `end`: it settled synchronously, no asyncEnd follows.
-    if ('result' in ctx || 'error' in ctx) settled(ctx)
+    settled(ctx)
   },
-  asyncStart() {},
+  // No asyncStart: a subscriber there would make the router wrap every promise's end in
+  // that channel's runStores (a closure and an iterator more per async invocation).
   asyncEnd(message: unknown) {
     settled(message as TraceContext)
   },
@@ -207,6 +219,7 @@ export function ensureRouterTracing(): void {
     settled: () => {},
     failed: () => {},
   }
+  const wasEmpty = elsewhereEmpty
   attachUnit(probe)
   const router = express.Router()
   router.use((_req, _res, next) => next())
@@ -216,6 +229,9 @@ export function ensureRouterTracing(): void {
     res,
     () => {},
   )
+  // The probe was the only entry: the usual process still never looks there.
+  elsewhere.delete(res)
+  elsewhereEmpty = wasEmpty
   if (!seen) {
     tracing('express.router.request').unsubscribe(subscribers)
     throw new Error(
