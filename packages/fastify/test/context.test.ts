@@ -3,17 +3,19 @@
  * calls, a timer it starts, a content-type parser (fed by req events, where
  * AsyncLocalStorage is lost) and a preHandler hook all see the same session;
  * two requests at once never see each other's; a route that never touches
- * the database checks out nothing.
+ * the database checks out nothing. A callback-style hook that calls `done`
+ * from another request's context does not hand that request's session over.
  */
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
-import { expectSettled, type Harness, harness, listen, send } from './support.ts'
+import { expectSettled, type Harness, harness, listen, send, waitFor } from './support.ts'
 
 let h: Harness
 let app: FastifyInstance
 let base: string
 let port: number
+let parkedRequests: () => number
 
 async function backendPid(): Promise<number> {
   const { rows } = await h.db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
@@ -79,6 +81,38 @@ beforeAll(async () => {
 
   app.get('/no-db', async () => ({ ok: true, hasSession: h.scope.hasSession() }))
 
+  // A callback-style hook that parks the first request's `done` and calls it from the second
+  // request's hook: the first request resumes inside the second one's scope.
+  await app.register(async (child) => {
+    const parked = new Map<string, () => void>()
+    const pairUp = (request: FastifyRequest, _reply: unknown, done: () => void) => {
+      const pair = (request.query as { pair: string }).pair
+      const first = parked.get(pair)
+      if (!first) {
+        parked.set(pair, done)
+        return
+      }
+      parked.delete(pair)
+      first()
+      done()
+    }
+    const who = (request: FastifyRequest) => ({
+      viaAls: h.scope.getSession().id,
+      viaRequest: request.session.id,
+      hook: (request as any).hookSession,
+    })
+    const recordHook = async (request: FastifyRequest) => {
+      ;(request as any).hookSession = h.scope.getSession().id
+    }
+    child.register(async (parkOnRequest) => {
+      parkOnRequest.addHook('onRequest', pairUp)
+      parkOnRequest.get('/paired', async (request) => who(request))
+      parkOnRequest.post('/paired', { preHandler: recordHook }, async (request) => who(request))
+    })
+    child.get('/paired-pre-handler', { preHandler: pairUp }, async (request) => who(request))
+    parkedRequests = () => parked.size
+  })
+
   ;({ base, port } = await listen(app))
 })
 
@@ -142,6 +176,46 @@ describe('getSession() across the chain', () => {
     expect(h.scope.stats().totals.acquired).toBe(acquired)
     expect(h.releases()).toBe(released)
     expect(h.pool.totalCount).toBe(before)
+    await expectSettled(h)
+  })
+})
+
+describe('a hook that calls back from another request’s context', () => {
+  async function pair(method: 'GET' | 'POST', path: string, id: string) {
+    const url = `${base}${path}?pair=${id}`
+    const init =
+      method === 'POST'
+        ? { method, headers: { 'content-type': 'application/json' }, body: '{"a":1}' }
+        : {}
+    const first = fetch(url, init).then((r) => r.json() as Promise<Record<string, string>>)
+    await waitFor('the first request to park', () => parkedRequests() === 1)
+    const second = fetch(url, init).then((r) => r.json() as Promise<Record<string, string>>)
+    return Promise.all([first, second])
+  }
+
+  it('an onRequest hook: the handler of a GET route still gets its own session', async () => {
+    const [a, b] = await pair('GET', '/paired', 'get')
+    expect(a.viaAls).toBe(a.viaRequest)
+    expect(b.viaAls).toBe(b.viaRequest)
+    expect(a.viaRequest).not.toBe(b.viaRequest)
+    await expectSettled(h)
+  })
+
+  it('an onRequest hook: a POST route’s preHandler hook and its handler still get their own session', async () => {
+    const [a, b] = await pair('POST', '/paired', 'post')
+    expect(a.viaAls).toBe(a.viaRequest)
+    expect(a.hook).toBe(a.viaRequest)
+    expect(b.viaAls).toBe(b.viaRequest)
+    expect(b.hook).toBe(b.viaRequest)
+    expect(a.viaRequest).not.toBe(b.viaRequest)
+    await expectSettled(h)
+  })
+
+  it('a preHandler hook: the handler still gets its own session', async () => {
+    const [a, b] = await pair('GET', '/paired-pre-handler', 'pre-handler')
+    expect(a.viaAls).toBe(a.viaRequest)
+    expect(b.viaAls).toBe(b.viaRequest)
+    expect(a.viaRequest).not.toBe(b.viaRequest)
     await expectSettled(h)
   })
 })
