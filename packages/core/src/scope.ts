@@ -486,6 +486,7 @@ export class ScopeImpl<C> implements Scope<C> {
   readonly driver: Driver<C>
   readonly options: ResolvedOptions
   readonly als = new AsyncLocalStorage<OpenScope<C> | InTransaction<C>>()
+  #closing_: AbortController | undefined
   readonly core: ScopeCore<C>
   /** The open scopes: a list linked through OpenScope.prevOpen/nextOpen (newest first), and its length. */
   #openHead: OpenScope<C> | undefined
@@ -698,19 +699,25 @@ export class ScopeImpl<C> implements Scope<C> {
     if (this.core.closed) throw new ScopeClosedError(this.name, 'runJob()')
     const name = `job:${opts.name ?? (fn.name || 'anonymous')}`
     const open = new OpenScope(this, { ...opts, kind: 'job' }, name)
-    if (timeoutMs === undefined) return this.#runIn(open, fn)
-    const timer = setTimeout(
-      () => open.abort('timeout', { detail: `timeoutMs: ${timeoutMs}`, cancel: true }),
-      timeoutMs,
-    )
+    const timer =
+      timeoutMs === undefined
+        ? undefined
+        : setTimeout(
+            () => open.abort('timeout', { detail: `timeoutMs: ${timeoutMs}`, cancel: true }),
+            timeoutMs,
+          )
     try {
       return await this.#runIn(open, fn)
     } catch (e) {
-      // The job's own failure after its timeout (usually the cancelled statement) is a
-      // consequence: say that it timed out, and keep what it threw as the cause.
+      // The job's own failure after its timeout or its signal (usually the cancelled
+      // statement) is a consequence: say that it was aborted, and keep what it threw as the cause.
       const aborted = open.aborted
-      if (aborted?.kind === 'timeout' && e !== aborted) {
-        throw new ScopeAbortedError(name, 'timeout', `timeoutMs: ${timeoutMs}`, { cause: e })
+      if (aborted !== undefined && e !== aborted) {
+        if (aborted.kind === 'timeout') {
+          throw new ScopeAbortedError(name, 'timeout', `timeoutMs: ${timeoutMs}`, { cause: e })
+        }
+        if (aborted.kind === 'signal')
+          throw new ScopeAbortedError(name, 'signal', undefined, { cause: e })
       }
       throw e
     } finally {
@@ -756,12 +763,12 @@ export class ScopeImpl<C> implements Scope<C> {
         // The loop's signal stops the loop, not the iteration: the current job finishes.
         await this.runJob(fn, { ...jobOpts, name })
         failures = 0
-        if (intervalMs > 0) await pause(intervalMs, signal)
+        if (intervalMs > 0) await pause(intervalMs, signal, this.#closeSignal())
       } catch (e) {
         if (e instanceof ScopeClosedError) break
         failures++
         this.core.report(e, `loop iteration (job:${name}, failure ${failures} in a row)`)
-        await pause(Math.min(maxMs, initialMs * 2 ** (failures - 1)), signal)
+        await pause(Math.min(maxMs, initialMs * 2 ** (failures - 1)), signal, this.#closeSignal())
       }
     }
   }
@@ -814,8 +821,16 @@ export class ScopeImpl<C> implements Scope<C> {
     return this.#closing
   }
 
+  /** Aborted when close() begins: a loop() pausing between runs ends at once. Made when first asked for. */
+  #closeSignal(): AbortSignal {
+    this.#closing_ ??= new AbortController()
+    if (this.core.closed) this.#closing_.abort()
+    return this.#closing_.signal
+  }
+
   async #close(timeoutMs: number): Promise<void> {
     this.core.closed = true
+    this.#closing_?.abort()
     if (defaultScope === this) defaultScope = undefined
     if (this.#openCount > 0) {
       let timer: NodeJS.Timeout | undefined
@@ -871,16 +886,19 @@ export class ScopeImpl<C> implements Scope<C> {
   }
 }
 
-function pause(ms: number, signal: AbortSignal): Promise<void> {
-  if (ms <= 0 || signal.aborted) return Promise.resolve()
+/** Wait `ms`, or until `signal` (the loop's) or `closing` (its scope's close()) aborts. */
+function pause(ms: number, signal: AbortSignal, closing: AbortSignal): Promise<void> {
+  if (ms <= 0 || signal.aborted || closing.aborted) return Promise.resolve()
   return new Promise((resolve) => {
     const done = () => {
       clearTimeout(t)
       signal.removeEventListener('abort', done)
+      closing.removeEventListener('abort', done)
       resolve()
     }
     const t = setTimeout(done, ms)
     signal.addEventListener('abort', done, { once: true })
+    closing.addEventListener('abort', done, { once: true })
   })
 }
 

@@ -155,6 +155,8 @@ export class Session<C = unknown> {
   #outcome: SessionOutcome | undefined
   #closedHow = ''
   #forced = false
+  /** The transaction's COMMIT or ROLLBACK is on the wire (its frames are already gone). */
+  #ending = false
   /** Taken by force while the end's COMMIT was on the wire, which then succeeded. */
   #committedAnyway = false
   #closedAt: Error | undefined
@@ -189,9 +191,9 @@ export class Session<C = unknown> {
     return this.#conn === undefined ? 'idle' : 'active'
   }
 
-  /** True once a transaction (BEGIN) is open on the connection. */
+  /** True once a transaction (BEGIN) is open on the connection, until its COMMIT or ROLLBACK is answered. */
   get inTransaction(): boolean {
-    return this.#tx.length > 0
+    return this.#tx.length > 0 || this.#ending
   }
 
   /** @internal close() was called (it may still wait for running work), or it is closed. */
@@ -546,7 +548,7 @@ export class Session<C = unknown> {
       name: this.name,
       ...(this.requestId !== undefined && { requestId: this.requestId }),
       heldMs: Math.round(now - this.#heldSince),
-      state: this.#running > 0 ? 'querying' : this.#tx.length > 0 ? 'in-transaction' : 'idle',
+      state: this.#running > 0 ? 'querying' : this.inTransaction ? 'in-transaction' : 'idle',
       ...(stack !== undefined && { site: callSite(raw), stack }),
     }
   }
@@ -1084,6 +1086,7 @@ export class Session<C = unknown> {
     const conn = this.#conn
     if (!root || conn === undefined) return andThen(this.#endEmptyTransaction(commit), then)
     this.#tx.length = 0
+    this.#ending = true
     this.#ready = undefined
     this.#rollbackOnly = false
     if (!commit) return andThen(this.#rollBackUnit(conn, root, cause), then)
@@ -1096,6 +1099,7 @@ export class Session<C = unknown> {
     }
     return committing.then(
       () => {
+        this.#ending = false
         // maxHoldMs or a shutdown may have taken the connection meanwhile: it committed anyway.
         if (this.#forced) this.#committedAnyway = true
         this.#core.committed++
@@ -1144,6 +1148,7 @@ export class Session<C = unknown> {
 
   async #rollBackUnit(conn: C, root: TxFrame, cause: unknown): Promise<void> {
     await this.#rollbackQuietly(conn, cause)
+    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(cause)
     if (root.afterRollback.length > 0) await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1152,6 +1157,7 @@ export class Session<C = unknown> {
   /** The connection failed earlier: no COMMIT is attempted; it will be destroyed. */
   async #commitRefused(conn: C, root: TxFrame): Promise<never> {
     await this.#rollbackQuietly(conn)
+    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(this.#broken)
     await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1167,6 +1173,7 @@ export class Session<C = unknown> {
     this.#noteError(conn, e)
     // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
     await this.#rollbackQuietly(conn)
+    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(e)
     await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1296,6 +1303,7 @@ export class Session<C = unknown> {
 
   #finishRelease(conn: C, destroy: boolean, error: unknown): void {
     this.#clearTimers()
+    this.#ending = false
     this.#conn = undefined
     this.#ready = undefined
     this.#began = undefined

@@ -5,7 +5,7 @@ import type { Driver, PoolStats, SessionInfo, TxOptions } from '@scoped/core'
 import { TransactionStateError } from '@scoped/core'
 import type pg from 'pg'
 import { CancelGuard } from './cancel.js'
-import { commitRefusal, isFatalPgError, isRetryablePgError } from './errors.js'
+import { commitRefusal, isFatalPgError, isRetryablePgError, noteConnectionLost } from './errors.js'
 
 export interface PgDriverOptions {
   /**
@@ -178,6 +178,7 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
       // Attached once per client, for its whole life: a checked-out client has no other listener.
       client.on('error', (err) => {
         s.error ??= err
+        noteConnectionLost(client, err)
       })
       state = s
     }

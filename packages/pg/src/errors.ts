@@ -83,3 +83,27 @@ export function isPgServerError(error: unknown): boolean {
   const code = codeOf(error)
   return code !== undefined && /^[0-9A-Z]{5}$/.test(code)
 }
+
+/** The error that broke a client's connection (its 'error' event), as pgDriver saw it. */
+const lostConnections = new WeakMap<object, Error>()
+
+/** @internal pgDriver: `client` emitted `error` (server restart, terminated backend, network). */
+export function noteConnectionLost(client: object, error: Error): void {
+  if (!lostConnections.has(client)) lostConnections.set(client, error)
+}
+
+/**
+ * @internal A statement's error on a client whose connection broke before it:
+ * pg says only "Client has encountered a connection error and is not queryable";
+ * say what broke it (the server's 57P01, a reset socket), with it as the cause.
+ */
+export function explainStatementError(client: object, error: unknown): unknown {
+  const lost = lostConnections.get(client)
+  if (lost === undefined || error === lost) return error
+  const what = error instanceof Error ? error.message : String(error)
+  return new Error(
+    `${what}: its connection failed before this statement (${lost.message}). The unit of work on it is ` +
+      'lost and the connection is destroyed, not returned to the pool. Fix: retry the unit of work.',
+    { cause: lost },
+  )
+}

@@ -7,6 +7,7 @@ import { AsyncResource } from 'node:async_hooks'
 import type { Scope } from '@scoped/core'
 import { NoActiveScopeError } from '@scoped/core'
 import type pg from 'pg'
+import { explainStatementError } from './errors.js'
 
 export interface ScopedPoolOptions {
   /**
@@ -133,7 +134,11 @@ function queryInTurn(
   // pg releases before brianc/node-postgres#3720 (July 2026) write the callback into a config
   // object they are given, and a later promise-style query of the same object would then return undefined:
   // config objects take the promise form.
-  if (typeof text !== 'string') return serial(client, () => client.query(text, values))
+  if (typeof text !== 'string') {
+    return serial(client, () => client.query(text, values)).catch((e: unknown) => {
+      throw explainStatementError(client, e)
+    })
+  }
   return new Promise((resolve, reject) => {
     inTurn(client, () => {
       try {
@@ -142,13 +147,13 @@ function queryInTurn(
           values as unknown[],
           (err: Error | undefined, result: pg.QueryResult) => {
             turnEnded(client)
-            if (err) reject(err)
+            if (err) reject(explainStatementError(client, err))
             else resolve(result)
           },
         )
       } catch (e) {
         turnEnded(client)
-        reject(e)
+        reject(explainStatementError(client, e))
       }
     })
   })

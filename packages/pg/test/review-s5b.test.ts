@@ -114,7 +114,7 @@ describe('a backend terminated between two statements of a unit of work', () => 
   // case with the cause; scopedPool.query() (packages/pg/src/scoped-pool.ts) passes pg's bare
   // error through. Should: the error (or its cause) says the connection was terminated —
   // "Messages say what happened" (DESIGN.md, Errors).
-  it.fails('scopedPool.query(): the error says the connection was terminated by the server', async () => {
+  it('scopedPool.query(): the error says the connection was terminated by the server', async () => {
     const { pool, app, scope } = setup('term_mid_tx')
     const db = scopedPool(scope)
     const err = await scope
@@ -175,6 +175,10 @@ describe('runJob timeoutMs with a statement running', () => {
     expect(err).toBeInstanceOf(ScopeAbortedError)
     expect((err as ScopeAbortedError).kind).toBe('timeout')
     expect((err as Error).message).toContain('job:sleepy')
+    // The release waits for the cancel request (pgDriver sends it first), which may still be on
+    // its way when the job's promise settles: wait for it, then count.
+    await waitFor('the connection back in the pool', () => released.length > 0)
+    await new Promise((r) => setTimeout(r, 50))
     expect(released).toHaveLength(1)
     expect(await committedRows(url, "SELECT v FROM events WHERE v = 'job-timeout'")).toEqual([])
     const active = await independentQuery(

@@ -105,7 +105,7 @@ describe('a job aborted by its signal while a TypeORM statement runs', () => {
   // not: packages/core/src/scope.ts runJob's catch wraps only `aborted?.kind === 'timeout'`.
   // Should: a ScopeAbortedError (kind 'signal') with the cancelled statement as its cause, as the
   // README's Errors section promises an error "that says so".
-  it.fails('the abort is what the caller reads (ScopeAbortedError, kind signal), not only the cancelled statement', async () => {
+  it('the abort is what the caller reads (ScopeAbortedError, kind signal), not only the cancelled statement', async () => {
     const ac = new AbortController()
     const err = await scope
       .runJob(
