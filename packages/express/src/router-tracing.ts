@@ -148,6 +148,7 @@ function settled(ctx: TraceContext): void {
   for (let u = unitsOf(ctx); u !== undefined; u = u.inner) u.settled(ctx)
 }
 
+/** Node subscribes the events present only: `asyncStart` is left out on purpose (below). */
 const subscribers = {
   start(message: unknown) {
     const ctx = message as TraceContext
@@ -187,6 +188,9 @@ const subscribers = {
   },
 }
 
+/** @types/node asks for all five; Node itself takes any of them. */
+type AllSubscribers = dc.TracingChannelSubscribers<object>
+
 let ready = false
 
 /**
@@ -203,7 +207,7 @@ export function ensureRouterTracing(): void {
         '@scoped/express needs to see errors thrown in Express handlers. Use Node.js >= 20.',
     )
   }
-  tracing('express.router.request').subscribe(subscribers)
+  tracing('express.router.request').subscribe(subscribers as AllSubscribers)
   // A dry run through a router of the Express we were built against.
   let seen = false
   const res = {}
@@ -233,7 +237,7 @@ export function ensureRouterTracing(): void {
   elsewhere.delete(res)
   elsewhereEmpty = wasEmpty
   if (!seen) {
-    tracing('express.router.request').unsubscribe(subscribers)
+    tracing('express.router.request').unsubscribe(subscribers as AllSubscribers)
     throw new Error(
       "scopedSession(): Express's router does not publish the 'express.router.request' " +
         'diagnostics channel (it was added in router 2.3.0), so a thrown error could not be ' +
