@@ -104,6 +104,7 @@ export function installHooks(): void {
     const unit = unitOfRequest<RequestUnit>(this)
     if (unit !== undefined) {
       if (type === 'timeout') unit.timedOut()
+      else if (type === 'close') unit.requestClosed()
       if (unit.listened && this.listenerCount(type) > 0) {
         // biome-ignore lint/complexity/noArguments: see above
         return unit.emitInScope(this, nodeReq.emit, arguments)
@@ -259,6 +260,7 @@ export class RequestUnit implements TracedUnit {
       } as Emit
       req.emit = function emit(this: EventEmitter, ...args: [string | symbol, ...unknown[]]) {
         if (args[0] === 'timeout') unit.timedOut()
+        else if (args[0] === 'close') unit.requestClosed()
         return unit.emitInScope(this, reqEmit0, args)
       } as Emit
     }
@@ -400,6 +402,15 @@ export class RequestUnit implements TracedUnit {
   /** A socket timeout, seen on the request. */
   timedOut(): void {
     this.#onTimeout()
+  }
+
+  /**
+   * The request closed. With its socket destroyed, the client is gone: a
+   * pipelined response still queued behind an earlier one never gets a 'close'
+   * of its own (Node emits it on the request only), so this is its abort.
+   */
+  requestClosed(): void {
+    if (this.req.socket?.destroyed === true) this.#onClose()
   }
 
   /**
