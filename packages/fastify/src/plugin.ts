@@ -30,13 +30,26 @@ declare module 'fastify' {
   }
 }
 
-/** Where the request's RequestScope lives (a decorated slot, so request objects keep one shape). */
-const kScope = Symbol('scoped.request')
+/** The scopes registered on each Fastify instance (a child context inherits its parents'). */
+const registered = new WeakMap<object, Set<unknown>>()
+
+function registeredIn(fastify: FastifyInstance, scope: unknown): boolean {
+  for (let f: object | null = fastify; f !== null; f = Object.getPrototypeOf(f)) {
+    if (registered.get(f)?.has(scope)) return true
+  }
+  return false
+}
+
 /** Marks the config of routes whose handler the plugin tracks (a bound handler loses any mark). */
 const kTracked = Symbol('scoped.tracked')
 
-function scopeOf(request: FastifyRequest): RequestScope | null | undefined {
-  return (request as unknown as Record<symbol, RequestScope | null | undefined>)[kScope]
+/**
+ * The request's RequestScope of one registration: each registration (one per
+ * scope, e.g. two databases) has its own decorated slot, so request objects
+ * keep one shape and two scopes each get their own session.
+ */
+function scopeOf(request: FastifyRequest, slot: symbol): RequestScope | null | undefined {
+  return (request as unknown as Record<symbol, RequestScope | null | undefined>)[slot]
 }
 
 /**
@@ -72,9 +85,9 @@ function callSlot(): unknown {
  * handler back in it when a callback-style hook called `done` from another
  * async context.
  */
-function trackHandler(handler: RouteHandlerMethod): RouteHandlerMethod {
+function trackHandler(handler: RouteHandlerMethod, slot: symbol): RouteHandlerMethod {
   return function tracked(this: FastifyInstance, request, reply) {
-    const scope = scopeOf(request)
+    const scope = scopeOf(request, slot)
     if (!scope) return handler.call(this, request, reply)
     scope.handlerStarted()
     let result: unknown
@@ -148,6 +161,13 @@ function scopedSessionPlugin(
   let opts: ResolvedOptions
   try {
     opts = resolveOptions(options)
+    if (registeredIn(fastify, opts.scope)) {
+      throw new TypeError(
+        `app.register(scopedSession): already registered for scope '${opts.scope.name}' in this ` +
+          'app (or a parent context): a second registration would give each request two ' +
+          'sessions of one scope, committed separately. Register it once, at the root.',
+      )
+    }
     if (opts.decorate && fastify.hasRequestDecorator('session')) {
       throw new TypeError(
         'app.register(scopedSession): request.session is already decorated by another plugin ' +
@@ -160,12 +180,16 @@ function scopedSessionPlugin(
   }
   const { scope } = opts
   let warnedUntracked = false
+  const kScope = Symbol(`scoped.request(${scope.name})`)
+  let scopes = registered.get(fastify)
+  if (!scopes) registered.set(fastify, (scopes = new Set()))
+  scopes.add(scope)
 
   fastify.decorateRequest(kScope, null)
   if (opts.decorate) {
     fastify.decorateRequest('session', {
       getter(this: FastifyRequest) {
-        const state = scopeOf(this)
+        const state = scopeOf(this, kScope)
         if (!state) throw new NoActiveScopeError(scope.name, 'request.session')
         return state.open.session as Session<DefaultConnection>
       },
@@ -177,7 +201,7 @@ function scopedSessionPlugin(
   // routes that take a body only: a Fastify hook costs every request it runs for, and on
   // GET/HEAD/TRACE Fastify parses nothing (their handler re-enters the scope on its own).
   function reenter(request: FastifyRequest, _reply: FastifyReply, next: () => void): void {
-    const state = scopeOf(request)
+    const state = scopeOf(request, kScope)
     if (state) state.open.enter(next)
     else next()
   }
@@ -185,7 +209,7 @@ function scopedSessionPlugin(
   fastify.addHook('onRoute', (route: RouteOptions) => {
     // A handler that is not a function is left to Fastify, which rejects it at boot.
     if (typeof route.handler !== 'function') return
-    route.handler = trackHandler(route.handler)
+    route.handler = trackHandler(route.handler, kScope)
     route.config = { ...route.config, [kTracked]: true }
     if (takesBody(route.method)) {
       route.preValidation = prependHook(
@@ -218,14 +242,14 @@ function scopedSessionPlugin(
 
   // Runs right before the error handler: record the error, and run the handler inside the scope.
   fastify.addHook('onError', (request: FastifyRequest, _reply: FastifyReply, error, next) => {
-    const state = scopeOf(request)
+    const state = scopeOf(request, kScope)
     if (!state) return next()
     state.error(error)
     state.open.enter(next)
   })
 
   fastify.addHook('onSend', (request: FastifyRequest, _reply: FastifyReply, payload, next) => {
-    const state = scopeOf(request)
+    const state = scopeOf(request, kScope)
     if (!state) return next(null, payload)
     // A response whose handler never ran through our wrapper: a hook answered, a 404, or
     // a route declared before the plugin loaded, which is worth one warning.

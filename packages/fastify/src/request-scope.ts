@@ -69,16 +69,33 @@ export class RequestScope {
     // closure instead of two arrow functions is ~200 B less per request on Node 20. The
     // default name is read only when a session is made (or an error names it): a request
     // that never queries does not look its route up.
+    // It is also the request's 'close' listener, added once the request has a session: a
+    // pipelined request still queued behind another response when its client leaves gets
+    // no 'close' on its response (Node closes its request only), and must still abort.
     const self = this
     function closeOrName(this: unknown): string {
       if (this === self.#reply.raw) {
         self.#onClose()
         return ''
       }
+      const raw = self.#reply.request.raw
+      if (this === raw) {
+        if (raw.socket?.destroyed === true) self.#onClose()
+        return ''
+      }
+      if (this === self.open) {
+        raw.on('close', closeOrName)
+        return ''
+      }
       return routeName(self.#reply.request)
     }
     const name = options.name ? sessionName(options.name, request) : closeOrName
-    this.open = options.scope.open({ name, requestId: String(request.id), kind: 'request' })
+    this.open = options.scope.open({
+      name,
+      requestId: String(request.id),
+      kind: 'request',
+      onSession: closeOrName,
+    })
     reply.raw.on('close', closeOrName)
   }
 
@@ -338,6 +355,8 @@ export class RequestScope {
   }
 
   #onClose(): void {
+    // The response's 'close' and the request's (on a destroyed socket) may both come.
+    if (this.#closed) return
     this.#closed = true
     const res = this.#reply.raw
     if (!res.writableEnded) {
@@ -403,9 +422,15 @@ export class RequestScope {
       enter: (fn) => this.open.enter(fn),
       end: () => {
         this.#bodyInFlight = false
-        return this.#finish(commit).then((failure) =>
-          failure === undefined ? undefined : commitError(this.open.name, failure),
-        )
+        return this.#finish(commit).then((failure) => {
+          if (failure === undefined) return undefined
+          const error = commitError(this.open.name, failure)
+          // Fastify ends a failed body with res.destroy() and no error: on HTTP/1 the socket
+          // is cut, but an HTTP/2 stream then ends with RST_STREAM(NO_ERROR), which clients
+          // read as a clean end. Destroyed with the error, it resets with INTERNAL_ERROR.
+          if (this.#reply.request.raw.httpVersionMajor === 2) this.#reply.raw.destroy(error)
+          return error
+        })
       },
       fail: () => {
         this.#bodyInFlight = false

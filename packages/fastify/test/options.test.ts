@@ -123,6 +123,21 @@ describe('option validation', () => {
     const { base } = await listen(ok)
     expect(await (await fetch(base)).json()).toEqual({ theirs: true, ours: 'GET /' })
   })
+
+  it('registered twice for one scope (here: again in a child context): refused at once, saying why', async () => {
+    const app = track(Fastify({ pluginTimeout: 2_000 }))
+    await app.register(scopedSession, { scope: h.scope })
+    app.register(async (child) => {
+      await child.register(scopedSession, { scope: h.scope, decorate: false })
+    })
+    let error: unknown
+    await app.ready().catch((e: unknown) => {
+      error = e
+    })
+    expect(String(error)).toMatch(
+      /already registered for scope '.+'.*Register it once, at the root/,
+    )
+  })
 })
 
 describe('name', () => {

@@ -318,7 +318,7 @@ describe('HTTP/2 (h2c)', () => {
 
   // BUG: on HTTP/2 a stream payload whose COMMIT fails at its end reaches a node:http2 client as a clean end (200, whole body, rstCode 0); it should end with RST_STREAM carrying an error code (INTERNAL_ERROR), as HTTP/1 cuts the socket.
   // (Fastify answers the body's error with res.destroy() without an error, which Node turns into RST_STREAM(NO_ERROR); node's client reads that as the end of the body.)
-  it.fails('a stream payload whose COMMIT fails at its end: the h2 stream is reset with an error code, not ended cleanly', async () => {
+  it('a stream payload whose COMMIT fails at its end: the h2 stream is reset with an error code, not ended cleanly', async () => {
     const { base } = await app(
       (a) => {
         a.get('/report/:id', async (request, reply) => {
@@ -401,7 +401,7 @@ describe('keep-alive and pipelined requests', () => {
 
   // BUG: when connectionTimeout destroys a socket with two pipelined requests in flight, only the first is aborted; the second handler's statements run on (rolled back only at its end) — it should be aborted too (next statement fails with ScopeAbortedError).
   // (request-scope.ts watches aborts only through reply.raw 'close', which Node never emits on a queued pipelined response; the s4 fix checks the socket only in send().)
-  it.fails('connectionTimeout while the first of two pipelined requests is slow: both roll back, the second’s next statement fails, one release each', async () => {
+  it('connectionTimeout while the first of two pipelined requests is slow: both roll back, the second’s next statement fails, one release each', async () => {
     const secondStarted = gate()
     const firstNext = gate<string>()
     const secondNext = gate<string>()
@@ -437,7 +437,7 @@ describe('keep-alive and pipelined requests', () => {
 
   // BUG: a pipelined request whose client leaves is not aborted, so cancelOnAbort does not cancel its running pg_sleep (it runs to its end, holding the connection); it should be cancelled (57014) like the first request's.
   // (same cause: no 'close' on the queued ServerResponse; request.raw 'close' is not watched in request-scope.ts.)
-  it.fails('cancelOnAbort: the client of two pipelined requests leaves; the second request’s pg_sleep is cancelled too', async () => {
+  it('cancelOnAbort: the client of two pipelined requests leaves; the second request’s pg_sleep is cancelled too', async () => {
     const slept = { first: gate<string>(), second: gate<string>() }
     const started = { first: gate(), second: gate() }
     const { port } = await app(
@@ -699,7 +699,7 @@ describe('the handler and its session', () => {
 
   // BUG: a second app.register(scopedSession, { scope: other, decorate: false }) (two databases) throws FST_ERR_DEC_ALREADY_PRESENT ('Symbol(scoped.request)') out of the plugin function: an uncaught exception, and the boot hangs until pluginTimeout; it should either give each scope its own session or reject registration at once with an error naming scopedSession.
   // (plugin.ts: fastify.decorateRequest(kScope, null) runs outside the try that passes option errors to done(), and kScope is one slot per app.)
-  it.fails('two scopedSession registrations (two scopes, the second with decorate: false): each scope commits its own work, or registration fails at once saying why', async () => {
+  it('two scopedSession registrations (two scopes, the second with decorate: false): each scope commits its own work, or registration fails at once saying why', async () => {
     const other = await harness('fastify_review_s5_b', { max: 2 })
     await other.independent.query('CREATE TABLE items (id text PRIMARY KEY)')
     const uncaught: unknown[] = []
