@@ -131,9 +131,11 @@ describe('option validation', () => {
       await child.register(scopedSession, { scope: h.scope, decorate: false })
     })
     let error: unknown
-    await app.ready().catch((e: unknown) => {
+    try {
+      await app.ready()
+    } catch (e) {
       error = e
-    })
+    }
     expect(String(error)).toMatch(
       /already registered for scope '.+'.*Register it once, at the root/,
     )

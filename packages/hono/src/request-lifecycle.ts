@@ -89,6 +89,11 @@ export class RequestLifecycle<C> {
     this.#request = request
   }
 
+  /** The scope this request's unit of work belongs to. */
+  get scope(): Scope<C> {
+    return this.#scope
+  }
+
   /**
    * Start watching the response (once): from the scope's first session on, or
    * when the chain settled on any path but the one that ends at once. Before

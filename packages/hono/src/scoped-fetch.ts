@@ -75,7 +75,11 @@ function perRequestEnv(env: unknown): env is Tagged {
   return typeof env === 'object' && env !== null && 'incoming' in env && 'outgoing' in env
 }
 
-function lifeOf(c: { req: { raw: Request }; env: unknown }): RequestLifecycle<unknown> | undefined {
+/** @internal The lifecycle scopedFetch() opened for the request of `c`, if it did. */
+export function lifeOf(c: {
+  req: { raw: Request }
+  env: unknown
+}): RequestLifecycle<unknown> | undefined {
   const life = (c.req.raw as Tagged)[lifeKey]
   if (life !== undefined) return life
   return perRequestEnv(c.env) ? c.env[lifeKey] : undefined

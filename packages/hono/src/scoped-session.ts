@@ -16,11 +16,13 @@ import {
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
 import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
+import { lifeOf } from './scoped-fetch.js'
 
 /**
  * The scopes whose middleware already runs for a request, on its Context: a
- * second mount of the same scope (the app and a sub-app under `app.route()`)
- * joins the request's unit of work instead of opening another.
+ * second mount of the same scope (the app and a sub-app under `app.route()`),
+ * or a mount in an app served by `scopedFetch()` of the same scope, joins the
+ * request's unit of work instead of opening another.
  */
 const kMounted = Symbol('scoped.mounted')
 type Mounted = { [kMounted]?: Scope<unknown> | Scope<unknown>[] }
@@ -30,6 +32,8 @@ function markMounted(c: Context, target: Scope<unknown>): boolean {
   const marked = c as unknown as Mounted
   const mounted = marked[kMounted]
   if (mounted === undefined) {
+    // Served by scopedFetch() of the same scope: its unit of work already covers the app.
+    if (lifeOf(c)?.scope === target) return false
     marked[kMounted] = target
     return true
   }

@@ -12,7 +12,7 @@ import { pgDriver } from '@scoped/pg'
 import { Hono } from 'hono'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { scopedFetch } from '../src/index.ts'
+import { scopedFetch, scopedSession } from '../src/index.ts'
 import { type Db, database, rowIds, serveFetch, settled, until } from './support.ts'
 
 let d: Db
@@ -71,6 +71,39 @@ describe('the synchronous path', () => {
       }
       await settled(d)
       expect(await rowIds(d.url, "SELECT id FROM items WHERE id LIKE 'sync-thrown-%'")).toEqual([])
+    } finally {
+      await s.close()
+    }
+  })
+
+  it('an app that mounts scopedSession() of the same scope, served by scopedFetch(): one session per request, committed before the response', async () => {
+    const app = new Hono()
+    const ids: string[] = []
+    // Before the middleware: inside scopedFetch's scope only.
+    app.use(async (_c, next) => {
+      ids.push(getSessionOf(d).id)
+      await next()
+    })
+    app.use(scopedSession(d.scope))
+    app.post('/both/:id', async (c) => {
+      const id = c.req.param('id')
+      ids.push(getSessionOf(d).id)
+      await getSessionOf(d).use((client) =>
+        client.query('INSERT INTO items (id) VALUES ($1)', [id]),
+      )
+      return c.text('ok', 201)
+    })
+    const before = d.scope.stats().totals.acquired
+    const s = await serveFetch(scopedFetch(app, d.scope))
+    try {
+      const res = await fetch(`${s.url}/both/both-mounted`, { method: 'POST' })
+      expect(res.status).toBe(201)
+      expect(await rowIds(d.url, "SELECT id FROM items WHERE id = 'both-mounted'")).toEqual([
+        'both-mounted',
+      ])
+      await settled(d)
+      expect(new Set(ids).size).toBe(1)
+      expect(d.scope.stats().totals.acquired - before).toBe(1)
     } finally {
       await s.close()
     }
