@@ -181,8 +181,8 @@ function scopedSessionPlugin(
   const { scope } = opts
   let warnedUntracked = false
   const kScope = Symbol(`scoped.request(${scope.name})`)
-  let scopes = registered.get(fastify)
-  if (!scopes) registered.set(fastify, (scopes = new Set()))
+  const scopes = registered.get(fastify) ?? new Set()
+  registered.set(fastify, scopes)
   scopes.add(scope)
 
   fastify.decorateRequest(kScope, null)
