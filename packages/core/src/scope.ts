@@ -486,7 +486,8 @@ export class ScopeImpl<C> implements Scope<C> {
   readonly driver: Driver<C>
   readonly options: ResolvedOptions
   readonly als = new AsyncLocalStorage<OpenScope<C> | InTransaction<C>>()
-  #closing_: AbortController | undefined
+  /** Aborted when close() begins (see #closeSignal). */
+  #closeController: AbortController | undefined
   readonly core: ScopeCore<C>
   /** The open scopes: a list linked through OpenScope.prevOpen/nextOpen (newest first), and its length. */
   #openHead: OpenScope<C> | undefined
@@ -823,14 +824,14 @@ export class ScopeImpl<C> implements Scope<C> {
 
   /** Aborted when close() begins: a loop() pausing between runs ends at once. Made when first asked for. */
   #closeSignal(): AbortSignal {
-    this.#closing_ ??= new AbortController()
-    if (this.core.closed) this.#closing_.abort()
-    return this.#closing_.signal
+    this.#closeController ??= new AbortController()
+    if (this.core.closed) this.#closeController.abort()
+    return this.#closeController.signal
   }
 
   async #close(timeoutMs: number): Promise<void> {
     this.core.closed = true
-    this.#closing_?.abort()
+    this.#closeController?.abort()
     if (defaultScope === this) defaultScope = undefined
     if (this.#openCount > 0) {
       let timer: NodeJS.Timeout | undefined
