@@ -325,10 +325,8 @@ export class Session<C = unknown> {
       },
       (e: unknown) => {
         this.#waiting--
-        // A BEGIN that failed because maxHoldMs or a shutdown took the connection under it.
-        const error = this.#forced ? this.#takenError(e, 'use()') : e
-        this.#useEnded()
-        throw error
+        // A BEGIN that failed, maybe because maxHoldMs or a shutdown took the connection under it.
+        this.#useEndedWith(e)
       },
     )
   }
@@ -380,18 +378,21 @@ export class Session<C = unknown> {
 
   /** `onBegan` once a pipelined BEGIN is answered; if it failed, the use ends with its error. */
   #afterBegan<T>(onBegan: () => T): Promise<T> {
-    return this.#beganOrThrow().then(onBegan, (e: unknown) => {
-      const error = this.#forced ? this.#takenError(e, 'use()') : e
-      this.#useEnded()
-      throw error
-    })
+    return this.#beganOrThrow().then(onBegan, (e: unknown) => this.#useEndedWith(e))
   }
 
   /** The use's statement failed: note a broken connection, say who took a forced one. */
   #useFailed(conn: C, e: unknown): never {
     this.#noteError(conn, e)
-    // Taken by force under this use: the driver only says "Connection terminated"; say who
-    // took it and why (maxHoldMs, shutdown), keeping the driver's error.
+    this.#useEndedWith(e)
+  }
+
+  /**
+   * The use ends with `e`. Taken by force under it, the driver only says
+   * "Connection terminated": say who took it and why (maxHoldMs, shutdown),
+   * keeping the driver's error as the cause.
+   */
+  #useEndedWith(e: unknown): never {
     const error = this.#forced ? this.#takenError(e, 'use()') : e
     this.#useEnded()
     throw error
@@ -1148,7 +1149,6 @@ export class Session<C = unknown> {
 
   async #rollBackUnit(conn: C, root: TxFrame, cause: unknown): Promise<void> {
     await this.#rollbackQuietly(conn, cause)
-    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(cause)
     if (root.afterRollback.length > 0) await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1157,7 +1157,6 @@ export class Session<C = unknown> {
   /** The connection failed earlier: no COMMIT is attempted; it will be destroyed. */
   async #commitRefused(conn: C, root: TxFrame): Promise<never> {
     await this.#rollbackQuietly(conn)
-    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(this.#broken)
     await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1173,7 +1172,6 @@ export class Session<C = unknown> {
     this.#noteError(conn, e)
     // The server ends a transaction whose COMMIT failed; make sure, and never reuse it if unsure.
     await this.#rollbackQuietly(conn)
-    this.#ending = false
     this.#core.rolledBack++
     this.#publishRollback(e)
     await this.#runHooks(root.afterRollback, 'afterRollback')
@@ -1190,14 +1188,17 @@ export class Session<C = unknown> {
     }
   }
 
+  /** ROLLBACK at the end of the unit of work; once answered (or skipped) the session is no longer ending it. */
   async #rollbackQuietly(conn: C, cause?: unknown): Promise<void> {
-    if (this.#broken !== undefined) return // a dead connection is destroyed; the server discards its transaction
     try {
+      if (this.#broken !== undefined) return // a dead connection is destroyed; the server discards its transaction
       await this.#core.driver.rollback?.(conn)
     } catch (e) {
       this.#noteError(conn, e)
       this.#dirty = true
       if (cause === undefined) this.#core.report(e, 'rollback', this)
+    } finally {
+      this.#ending = false
     }
   }
 
