@@ -12,6 +12,7 @@ import { type Generated, PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { independentQuery, testDatabase } from '../../../test/support/db.ts'
+import { ChunkedCursor } from './support.ts'
 
 interface DB {
   items: { id: Generated<number>; v: string; pid: Generated<number> }
@@ -37,30 +38,6 @@ beforeEach(async () => {
 afterAll(async () => {
   await Promise.all(scopes.map((s) => s.close()))
 })
-
-/** A cursor for `.stream()` (pg-cursor is not a dependency): one pg Query, rows handed out n at a time. */
-class ChunkedCursor<T> extends pg.Query {
-  rows: Promise<T[]>
-  at = 0
-  constructor(text: string, values: unknown[]) {
-    super(text, values)
-    this.rows = new Promise<T[]>((resolve, reject) => {
-      ;(this as unknown as { callback: (e?: Error, r?: { rows: T[] }) => void }).callback = (
-        e,
-        r,
-      ) => (e ? reject(e) : resolve(r!.rows))
-    })
-    this.rows.catch(() => {})
-  }
-  async read(n: number): Promise<T[]> {
-    const rows = await this.rows
-    this.at += n
-    return rows.slice(this.at - n, this.at)
-  }
-  async close(): Promise<void> {
-    await this.rows.catch(() => {})
-  }
-}
 
 function setup(opts: { transaction: 'none' | 'auto'; release?: 'end' | 'idle' }) {
   pool = new pg.Pool({ connectionString: url, max: 2 })

@@ -11,32 +11,7 @@ import { PostgresDialect, sql } from 'kysely'
 import pg from 'pg'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { backends, independentQuery } from '../../../test/support/db.ts'
-import { type DB, type Fixture, fixture } from './support.ts'
-
-/** A cursor for `.stream()` (pg-cursor is not a dependency): one pg Query, rows handed out n at a time. */
-class ChunkedCursor<T> extends pg.Query {
-  buffered: Promise<T[]>
-  at = 0
-  constructor(text: string, values: unknown[]) {
-    super(text, values)
-    this.buffered = new Promise<T[]>((resolve, reject) => {
-      ;(this as unknown as { callback: (e?: Error, r?: { rows: T[] }) => void }).callback = (
-        e,
-        r,
-      ) => (e ? reject(e) : resolve(r!.rows))
-    })
-    this.buffered.catch(() => {})
-  }
-  async read(n: number): Promise<T[]> {
-    const rows = await this.buffered
-    const chunk = rows.slice(this.at, this.at + n)
-    this.at += chunk.length
-    return chunk
-  }
-  async close(): Promise<void> {
-    await this.buffered.catch(() => {})
-  }
-}
+import { ChunkedCursor, type DB, type Fixture, fixture } from './support.ts'
 
 let f: Fixture
 

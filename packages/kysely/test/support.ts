@@ -86,3 +86,33 @@ export async function fixture(
     close: () => scope.close(),
   }
 }
+
+/**
+ * A cursor for `.stream()` (pg-cursor is not a dependency): one pg Query, rows handed out n at a
+ * time. Its buffer is not called `rows`: pg.Query reads a `rows` property as the portal's row
+ * limit and then runs the query in extended-protocol, portal-suspended mode, which leaves the
+ * backend waiting for a Sync after an error (a test artifact, not the library's behaviour).
+ */
+export class ChunkedCursor<T> extends pg.Query {
+  buffered: Promise<T[]>
+  at = 0
+  constructor(text: string, values: unknown[]) {
+    super(text, values)
+    this.buffered = new Promise<T[]>((resolve, reject) => {
+      ;(this as unknown as { callback: (e?: Error, r?: { rows: T[] }) => void }).callback = (
+        e,
+        r,
+      ) => (e ? reject(e) : resolve(r!.rows))
+    })
+    this.buffered.catch(() => {})
+  }
+  async read(n: number): Promise<T[]> {
+    const rows = await this.buffered
+    const chunk = rows.slice(this.at, this.at + n)
+    this.at += chunk.length
+    return chunk
+  }
+  async close(): Promise<void> {
+    await this.buffered.catch(() => {})
+  }
+}
