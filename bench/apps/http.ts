@@ -42,6 +42,14 @@ type Handler = (req: { id?: string; body?: unknown }) => Promise<unknown>
 type Middleware =
   | { kind: 'none' }
   | { kind: 'als' }
+  /**
+   * A bare `als.run()` middleware plus what the framework charges for the hooks any design
+   * needs that commits before the response is written and hears a client leave: Fastify,
+   * a no-op `onSend` hook and a `'close'` listener; Express, no-op subscribers on the
+   * router's tracing channel (its only report of errors passed to `next(err)` and of when
+   * an async handler settled). Nothing of ours runs in it.
+   */
+  | { kind: 'als-hooks' }
   | { kind: 'scoped'; scope: Scope<any> }
   /** Hono only: `scopedFetch(app, scope)` around the fetch handler instead of a middleware. */
   | { kind: 'scoped-fetch'; scope: Scope<any> }
@@ -157,6 +165,10 @@ async function makeApp(variant: string): Promise<App> {
       return { middleware: { kind: 'none' } }
     case 'als':
       return { middleware: { kind: 'als' } }
+    case 'als-hooks':
+      if (config.framework === 'hono')
+        throw new Error("variant 'als-hooks' is Fastify's and Express's")
+      return { middleware: { kind: 'als-hooks' } }
     case 'scoped': {
       // A real scope over a real pool that no route uses: it must never check a connection out.
       const pool = new pg.Pool({ connectionString: config.url, max: config.poolMax })
@@ -402,6 +414,8 @@ async function makeApp(variant: string): Promise<App> {
 
 // ── frameworks ───────────────────────────────────────────────────────────
 
+function noop(): void {}
+
 const missing: Handler = async () => {
   throw new Error(`variant '${config.variant}' has no such route`)
 }
@@ -448,6 +462,13 @@ async function listenFastify(app: App): Promise<number> {
   const fastify = Fastify({ logger: false })
   const mw = app.middleware
   if (mw.kind === 'als') fastify.addHook('onRequest', (req, _reply, done) => als.run({ req }, done))
+  if (mw.kind === 'als-hooks') {
+    fastify.addHook('onRequest', (req, reply, done) => {
+      reply.raw.on('close', noop)
+      als.run({ req }, done)
+    })
+    fastify.addHook('onSend', (_req, _reply, payload, done) => done(null, payload))
+  }
   if (mw.kind === 'scoped') {
     const { scopedSession } = await import('@scoped/fastify')
     await fastify.register(scopedSession, { scope: mw.scope })
@@ -474,6 +495,16 @@ async function listenExpress(app: App): Promise<number> {
   const server = express()
   const mw = app.middleware
   if (mw.kind === 'als') server.use((req, _res, next) => als.run({ req }, next))
+  if (mw.kind === 'als-hooks') {
+    // The events @scoped/express listens to (not asyncStart: see its router-tracing.ts).
+    dc.tracingChannel('express.router.request').subscribe({
+      start: noop,
+      end: noop,
+      asyncEnd: noop,
+      error: noop,
+    } as unknown as dc.TracingChannelSubscribers<object>)
+    server.use((req, _res, next) => als.run({ req }, next))
+  }
   if (mw.kind === 'scoped') {
     const { scopedSession } = await import('@scoped/express')
     server.use(scopedSession(mw.scope))
