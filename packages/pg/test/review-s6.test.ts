@@ -312,3 +312,32 @@ describe('work that outlives its scope', () => {
     expect(await idle()).toEqual({ checkedOut: 0, idleInTransaction: 0 })
   })
 })
+
+describe('remove() not awaited, then a graceful shutdown', () => {
+  // core README: "`remove()` ... waits for uses still running (the connection is never released
+  // under a statement) ... From the moment `remove()` is called, `getSession()` opens a new
+  // session, even while the old one still waits for its uses" and "`scope.close()` ... waits for
+  // the open ones up to `timeoutMs` (default 10 s), destroys connections still held".
+  // What happens: the run resolves while the removed session's statement still runs, and a
+  // close({ timeoutMs: 5000 }) right after does not wait for it: the client is destroyed at
+  // once (the test takes ~130 ms), under the statement, which rejects with a SessionClosedError
+  // that says "its connection was destroyed because scope.close() timed out after 5000 ms" —
+  // it did not time out.
+  it.fails('close() waits for the removed session’s running statement, which completes', async () => {
+    const { scope, db } = setup()
+    let slow: Promise<unknown> | undefined
+    await scope.run(async () => {
+      await db.query("INSERT INTO items (v) VALUES ('removed')")
+      slow = db.query('SELECT pg_sleep(0.3), 1 AS one').then(
+        (r) => r.rows[0].one,
+        (e: Error) => e,
+      )
+      await sleep(30)
+      void scope.remove()
+      await db.query("INSERT INTO items (v) VALUES ('new session')")
+    })
+    await scope.close({ timeoutMs: 5000 })
+    expect(await slow).toBe(1)
+    expect(await items()).toEqual(['new session'])
+  })
+})
