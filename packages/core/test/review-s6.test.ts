@@ -491,3 +491,39 @@ describe('hooks and an explicit commit()', () => {
     expect(seen).toEqual(['commit 1', 'commit() returned', 'rollback 2'])
   })
 })
+
+describe('createScope options', () => {
+  // README: "`default` | `true` | top-level `getSession()`/`runJob()` use this scope; only one
+  // default at a time" and "`name` | driver's name | shown in stats, metrics and errors".
+  it('a second default scope is refused, naming the first; after the first closes one can be made', async () => {
+    const first = createScope({ driver: new FakeDriver(), name: 'first', leakDetectionMs: 0 })
+    scopes.push(first)
+    expect(() => createScope({ driver: new FakeDriver(), name: 'second' })).toThrow(/'first'/)
+    await first.close()
+    const second = createScope({ driver: new FakeDriver(), name: 'second', leakDetectionMs: 0 })
+    scopes.push(second)
+    await expect(runJob(async () => getSession().id)).resolves.toBeTypeOf('string')
+    await second.close()
+  })
+
+  it("without name, the scope is named after its driver: in stats() and in a PoolTimeoutError's message", async () => {
+    const driver = new FakeDriver(1)
+    const { scope } = make(driver, { acquireTimeoutMs: 30, onError: () => {} })
+    expect(scope.stats().name).toBe('fake')
+    let release!: () => void
+    const holder = scope.run(async () => {
+      await scope.getSession().use((c) => driver.query(c, 'HOLD'))
+      await new Promise<void>((r) => {
+        release = r
+      })
+    })
+    await sleep(5)
+    const err = await scope
+      .run(() => scope.getSession().use((c) => driver.query(c, 'A')))
+      .catch((e) => e)
+    release()
+    await holder
+    expect(err).toBeInstanceOf(PoolTimeoutError)
+    expect(err.message).toContain("pool 'fake'")
+  })
+})

@@ -341,3 +341,25 @@ describe('remove() not awaited, then a graceful shutdown', () => {
     expect(await items()).toEqual(['new session'])
   })
 })
+
+describe("maxHoldMs with release: 'idle'", () => {
+  // core README: "`maxHoldMs` | past it the connection is destroyed" and "`release: 'idle'` ...
+  // the hold time of `pool.query()`, with the session's error handling, names, holders and leak
+  // detection": what is held is each checkout, so a request whose statements each take little
+  // keeps working although the request as a whole lasts longer than maxHoldMs.
+  it('counts each checkout, not the request: three short statements over 3× maxHoldMs all commit', async () => {
+    const { scope, db, idle } = setup({ scope: { maxHoldMs: 150 } })
+    await scope.run(
+      async () => {
+        for (const v of ['a', 'b', 'c']) {
+          await db.query('INSERT INTO items (v) VALUES ($1)', [v])
+          await sleep(120)
+        }
+      },
+      { transaction: 'none', release: 'idle' },
+    )
+    expect(await items()).toEqual(['a', 'b', 'c'])
+    expect(scope.stats().totals).toMatchObject({ forced: 0, destroyed: 0 })
+    expect(await idle()).toEqual({ checkedOut: 0, idleInTransaction: 0 })
+  })
+})
