@@ -519,3 +519,167 @@ describe('two scopes on one app', () => {
     )
   }
 })
+
+describe('right after res.json()', () => {
+  // README: "Work after the response (res.json(x); await more()) is outside the unit of work: its
+  // statements fail with SessionClosedError." Here the statement is issued in the same turn as
+  // res.json(), while the COMMIT has not run yet.
+  it('a statement issued in the same turn as res.json(): fails with SessionClosedError; the answered work is committed', async () => {
+    const after = latch<string>()
+    const srv = await serve((app) => {
+      app.post('/then/:id', async (req, res) => {
+        const id = req.params.id as string
+        await insert(id)
+        res.status(201).json({ id })
+        try {
+          await insert(`${id}-after`)
+          after.resolve('completed')
+        } catch (e) {
+          after.resolve(errorName(e))
+        }
+      })
+    })
+    const count = releases(d.scope.name)
+    try {
+      const r = await rawRequest(srv.url, '/then/sj-1', { method: 'POST' })
+      expect(r).toMatchObject({ status: 201, ended: 'complete' })
+      expect(await after.promise).toBe('SessionClosedError')
+      await settled(d)
+      expect(count.count).toBe(1)
+      expect(await exists('items', 'sj-1')).toBe(true)
+      expect(await exists('items', 'sj-1-after')).toBe(false)
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+
+  // README: "The first res.end() decides" and, when commitOn says yes, the response is "held until
+  // the COMMIT succeeded, then sent as written". A handler that answers, then throws in the same
+  // turn (a bug after the answer; plain Express sends the complete 201 and logs the error): what
+  // the client sees and what is saved must agree.
+  // BUG: the row is committed, but the client gets status 500 with the 201's body
+  // ({"id":"at-1"}) and then the connection breaks off (ended: 'error'). While the end is held for
+  // the COMMIT, res.headersSent is false, so Express's final handler treats the error as
+  // unanswered: it sets res.statusCode = 500 on the held response (which then goes out with the
+  // handler's body) and its own 500 cuts the socket. Expected: the complete 201 as written (the
+  // first res.end() decided and committed), as without the middleware.
+  it.fails('res.json() then a throw in the same turn: the client’s answer and the saved work agree, one release', async () => {
+    const srv = await serve((app) => {
+      app.post('/answer-throw/:id', async (req, res) => {
+        const id = req.params.id as string
+        await insert(id)
+        res.status(201).json({ id })
+        throw new Error('a bug after the answer')
+      })
+    })
+    const count = releases(d.scope.name)
+    try {
+      const r = await rawRequest(srv.url, '/answer-throw/at-1', { method: 'POST' })
+      await settled(d)
+      expect(count.count).toBe(1)
+      const saved = await exists('items', 'at-1')
+      expect({ status: r.status, ended: r.ended, saved }).toEqual(
+        saved
+          ? { status: 201, ended: 'complete', saved: true }
+          : { status: 500, ended: 'complete', saved: false },
+      )
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+})
+
+describe('right after res.json(), Express itself', () => {
+  // README: the first res.end() decides, and the response is "held until the COMMIT succeeded,
+  // then sent as written". A middleware that answers and still calls next() (a common slip), with
+  // no route after it: plain Express sends the complete 201 (its final 404 handler finds the
+  // headers sent).
+  // BUG: the row is committed, but the client gets status 404 with the 201's body
+  // ({"id":"jn-1"}) and then the connection breaks off (ended: 'error'). Same cause as the throw
+  // above: while the end is held for the COMMIT, res.headersSent is false, so Express's final
+  // handler sets res.statusCode = 404 on the held response and its own 404 cuts the socket.
+  it.fails('res.json() then next() with nothing after: the client gets the 201 as written, committed', async () => {
+    const srv = await serve((app) => {
+      app.use(async (req, res, next) => {
+        const id = String(req.headers['x-id'])
+        await insert(id)
+        res.status(201).json({ id })
+        next()
+      })
+    })
+    const count = releases(d.scope.name)
+    try {
+      const r = await rawRequest(srv.url, '/anything', {
+        method: 'POST',
+        headers: { 'x-id': 'jn-1' },
+      })
+      await settled(d)
+      expect(count.count).toBe(1)
+      expect({ status: r.status, ended: r.ended, body: r.body }).toEqual({
+        status: 201,
+        ended: 'complete',
+        body: '{"id":"jn-1"}',
+      })
+      expect(await exists('items', 'jn-1')).toBe(true)
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+})
+
+describe('a socket timeout while the COMMIT runs', () => {
+  // README (Aborts): "A res.setTimeout(ms, callback) that answers (say, 503): the timeout aborts the
+  // unit of work first, then the callback's 503 goes out at once". Here the timeout fires while
+  // the COMMIT (decided by the first res.end()) is blocked on another transaction's lock; the
+  // callback answers 503 if nothing was sent (the connect-timeout pattern). What the client sees
+  // and what is saved must agree.
+  // BUG: the COMMIT goes through (saved), but the client gets status 503 with the handler's body
+  // ('saved') and then the connection breaks off (ended: 'error'). While the end is held,
+  // res.headersSent is false, so the callback's res.status(503) rewrites the held response's
+  // status and its send() cuts the socket. Expected: the 201 as written once it is committed
+  // (or a 503 with nothing saved), never a 503 for committed work.
+  it.fails('a 503 from the timeout callback during a blocked COMMIT: the client’s answer and the saved work agree, one release', async () => {
+    await independentQuery(
+      url,
+      `CREATE TABLE IF NOT EXISTS uniq (k text,
+         CONSTRAINT uniq_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)`,
+    )
+    const blocker = new pg.Client({ connectionString: url })
+    await blocker.connect()
+    await blocker.query('BEGIN')
+    await blocker.query(`INSERT INTO uniq (k) VALUES ('blocked-1')`)
+    const srv = await serve((app) => {
+      app.post('/blocked', async (_req, res) => {
+        res.setTimeout(150, () => {
+          if (!res.headersSent) res.status(503).send('timed out')
+        })
+        await d.db.query(`INSERT INTO uniq (k) VALUES ('blocked-1')`)
+        res.status(201).send('saved')
+      })
+    })
+    const count = releases(d.scope.name)
+    try {
+      const pending = rawRequest(srv.url, '/blocked', { method: 'POST' })
+      // Let the COMMIT block on the uncommitted duplicate, and the timeout fire meanwhile.
+      await new Promise((r) => setTimeout(r, 400))
+      await blocker.query('ROLLBACK') // the COMMIT can now succeed
+      const r = await pending
+      await settled(d)
+      expect(count.count).toBe(1)
+      const saved =
+        (await observer.query(`SELECT 1 FROM uniq WHERE k = 'blocked-1'`)).rows.length === 1
+      expect({ status: r.status, body: r.body, ended: r.ended, saved }).toEqual(
+        saved
+          ? { status: 201, body: 'saved', ended: 'complete', saved: true }
+          : { status: 503, body: 'timed out', ended: 'complete', saved: false },
+      )
+    } finally {
+      count.stop()
+      await blocker.end()
+      await srv.close()
+    }
+  })
+})

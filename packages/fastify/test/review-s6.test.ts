@@ -452,3 +452,47 @@ describe('HEAD', () => {
     expect(await exists('children', 'hd-1')).toBe(false)
   })
 })
+
+describe('a throw after reply.send()', () => {
+  // README (onSend, plain payload): commitOn decides in onSend, then Fastify writes the response. A
+  // handler that answers, then throws in the same turn (a bug after the answer): what the client
+  // sees and what is saved must agree.
+  it('reply.send() then a throw in the same turn: the client’s answer and the saved work agree, one release', async () => {
+    const { port } = await app((a) => {
+      a.post('/answer-throw/:id', async (req, reply) => {
+        const { id } = req.params as { id: string }
+        await insert(id)
+        reply.code(201).send({ id })
+        throw new Error('a bug after the answer')
+      })
+    })
+    const r = await new Promise<{ status: number; complete: boolean; body: string }>((resolve) => {
+      const req = http.request({
+        host: '127.0.0.1',
+        port,
+        path: '/answer-throw/at-1',
+        method: 'POST',
+        agent: false,
+      })
+      req.on('error', () => resolve({ status: 0, complete: false, body: '' }))
+      req.on('response', (res) => {
+        let body = ''
+        res.setEncoding('utf8')
+        res.on('data', (c: string) => {
+          body += c
+        })
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, complete: res.complete, body }))
+        res.on('aborted', () => resolve({ status: res.statusCode ?? 0, complete: false, body }))
+      })
+      req.end()
+    })
+    await expectSettled(h)
+    expect(h.releases() - released).toBe(1)
+    const saved = await exists('items', 'at-1')
+    expect({ status: r.status, complete: r.complete, saved }).toEqual(
+      saved
+        ? { status: 201, complete: true, saved: true }
+        : { status: 500, complete: true, saved: false },
+    )
+  })
+})

@@ -17,6 +17,7 @@ import {
   database,
   deferred,
   listen,
+  rawRequest,
   rowIds,
   serveFetch,
   settled,
@@ -318,4 +319,49 @@ describe('two scopes on one app', () => {
       await b.close()
     }
   })
+})
+
+describe('a client gone before the first statement', () => {
+  // README (Commit or rollback): "lost its client before it settled → ROLLBACK", and (Client
+  // aborts) "The middleware listens for it from the request's first getSession() on". A client
+  // that left before the handler made its session: the session is made after the 'close', and
+  // the work must still not commit.
+  for (const entry of ['scopedSession()', 'scopedFetch(app)'] as const) {
+    it(`${entry}: the handler's first statement comes after the client left: nothing committed, one release`, async () => {
+      const app = new Hono()
+      if (entry === 'scopedSession()') app.use(scopedSession(d.scope))
+      const arrived = deferred()
+      const gone = deferred()
+      const result = deferred<string>()
+      app.post('/late/:id', async (c) => {
+        arrived.resolve()
+        await gone.promise
+        await new Promise((r) => setTimeout(r, 100))
+        const r = await outcome(insert(c.req.param('id')))
+        result.resolve(r)
+        return c.text('done', 201)
+      })
+      const s =
+        entry === 'scopedSession()'
+          ? await serve1(app)
+          : await serveFetch(scopedFetch(app, d.scope)).then((x) => {
+              closers.push(() => x.close())
+              return x
+            })
+      const t = tally(d.scope.name, 'name')
+      try {
+        const call = rawRequest(s.port, { method: 'POST', path: '/late/late-1', body: '' })
+        await arrived.promise
+        call.req.destroy()
+        await call.done
+        gone.resolve()
+        expect(['ScopeAbortedError', 'completed']).toContain(await result.promise)
+        await settled(d)
+        expect(await exists('items', 'late-1')).toBe(false)
+        expect(t.releases.length).toBe(t.acquires.length)
+      } finally {
+        t.stop()
+      }
+    })
+  }
 })
