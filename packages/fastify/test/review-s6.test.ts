@@ -7,6 +7,7 @@
  */
 import http from 'node:http'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import pg from 'pg'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { scopedSession } from '../src/index.ts'
 import { committed, expectSettled, gate, type Harness, harness, listen, send } from './support.ts'
@@ -494,5 +495,51 @@ describe('a throw after reply.send()', () => {
         ? { status: 201, complete: true, saved: true }
         : { status: 500, complete: true, saved: false },
     )
+  })
+})
+
+describe('a timeout while the COMMIT runs', () => {
+  // README (handlerTimeout): "Fastify answers 503 while the handler runs. … the scope is aborted as a
+  // timeout". Here the handler has returned and the COMMIT (in onSend) is blocked on another
+  // transaction's lock past handlerTimeout. What the client sees and what is saved must agree.
+  it('handlerTimeout while the COMMIT is blocked: the client’s answer and the saved work agree, one release', async () => {
+    await h.independent.query(
+      `CREATE TABLE IF NOT EXISTS uniq (k text,
+         CONSTRAINT uniq_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)`,
+    )
+    const blocker = new pg.Client({ connectionString: h.url })
+    await blocker.connect()
+    await blocker.query('BEGIN')
+    await blocker.query(`INSERT INTO uniq (k) VALUES ('fy-blocked-1')`)
+    try {
+      const { port } = await app(
+        (a) => {
+          a.post('/blocked', async (_req, reply) => {
+            await h.db.query(`INSERT INTO uniq (k) VALUES ('fy-blocked-1')`)
+            return reply.code(201).send('saved')
+          })
+        },
+        {},
+        { handlerTimeout: 150 } as FastifyServerOptions,
+      )
+      const call = send(port, { method: 'POST', path: '/blocked', body: '' })
+      const result = call.response.then(
+        (r) => ({ status: r.status, body: r.body, complete: true }),
+        () => ({ status: 0, body: '', complete: false }),
+      )
+      await new Promise((r) => setTimeout(r, 400))
+      await blocker.query('ROLLBACK') // the COMMIT can now succeed
+      const r = await result
+      await expectSettled(h)
+      expect(h.releases() - released).toBe(1)
+      const saved = (await committed(h, `SELECT 1 FROM uniq WHERE k = 'fy-blocked-1'`)).length === 1
+      expect({ ...r, saved }).toEqual(
+        saved
+          ? { status: 201, body: 'saved', complete: true, saved: true }
+          : { status: 503, body: r.body, complete: true, saved: false },
+      )
+    } finally {
+      await blocker.end()
+    }
   })
 })
