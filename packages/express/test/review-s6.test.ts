@@ -683,3 +683,45 @@ describe('a socket timeout while the COMMIT runs', () => {
     }
   })
 })
+
+describe('runJob() from a request', () => {
+  // README: "Work after the response … Run respond-now-work-later code in its own runJob(...)." A
+  // Django/SQLAlchemy user also expects a job started inside the request to be its own unit:
+  // committed on its own even when the request rolls back.
+  it('a runJob() started before a throw commits on its own; one started after the response commits too; the request rolls back', async () => {
+    const later = latch<string>()
+    const srv = await serve((app) => {
+      app.post('/jobs/:id', async (req, res) => {
+        const id = req.params.id as string
+        await insert(id)
+        await d.scope.runJob(() => insert(`${id}-job`))
+        if (req.query.fail) throw new Error('request failed')
+        res.status(201).send('ok')
+        d.scope
+          .runJob(() => insert(`${id}-later`))
+          .then(
+            () => later.resolve('completed'),
+            (e) => later.resolve(errorName(e)),
+          )
+      })
+    })
+    const count = releases(d.scope.name)
+    try {
+      const failed = await rawRequest(srv.url, '/jobs/rj-fail?fail=1', { method: 'POST' })
+      expect(failed.status).toBe(500)
+      const ok = await rawRequest(srv.url, '/jobs/rj-ok', { method: 'POST' })
+      expect(ok.status).toBe(201)
+      expect(await later.promise).toBe('completed')
+      await settled(d)
+      expect(count.count).toBe(5) // two requests, three jobs
+      expect(await exists('items', 'rj-fail')).toBe(false)
+      expect(await exists('items', 'rj-fail-job')).toBe(true)
+      expect(await exists('items', 'rj-ok')).toBe(true)
+      expect(await exists('items', 'rj-ok-job')).toBe(true)
+      expect(await exists('items', 'rj-ok-later')).toBe(true)
+    } finally {
+      count.stop()
+      await srv.close()
+    }
+  })
+})

@@ -543,3 +543,30 @@ describe('a timeout while the COMMIT runs', () => {
     }
   })
 })
+
+describe('a failed COMMIT and the headers set before the handler', () => {
+  // README (lifecycle): "A COMMIT that fails becomes a 500". A browser can only read that 500 if it
+  // keeps the CORS headers an earlier hook set (as @fastify/cors does, in onRequest); the
+  // handler's Set-Cookie must go (review-s4).
+  it('the 500 keeps Access-Control-Allow-Origin and a request-id header set in onRequest, drops the handler’s Set-Cookie', async () => {
+    const { base } = await app((a) => {
+      a.addHook('onRequest', async (_req, reply) => {
+        reply.header('access-control-allow-origin', 'https://example.test')
+        reply.header('x-request-id', 'rid-1')
+      })
+      a.post('/orphan/:id', async (req, reply) => {
+        await insertOrphan((req.params as { id: string }).id)
+        reply.header('set-cookie', 'order=1')
+        return reply.code(201).send({ ok: true })
+      })
+    })
+    const res = await fetch(`${base}/orphan/cors-1`, { method: 'POST' })
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await expectSettled(h)
+    expect(res.headers.get('set-cookie')).toBeNull()
+    expect(res.headers.get('access-control-allow-origin')).toBe('https://example.test')
+    expect(res.headers.get('x-request-id')).toBe('rid-1')
+    expect(await exists('children', 'cors-1')).toBe(false)
+  })
+})

@@ -8,6 +8,7 @@
  */
 import type { Holder } from '@scoped/core'
 import { Hono } from 'hono'
+import { cors } from 'hono/cors'
 import { requestId } from 'hono/request-id'
 import { streamSSE } from 'hono/streaming'
 import { timeout } from 'hono/timeout'
@@ -411,5 +412,42 @@ describe('a timeout while the COMMIT runs', () => {
     } finally {
       await blocker.end()
     }
+  })
+})
+
+describe('a failed COMMIT and the middleware before it', () => {
+  // README (Limits): "A failed COMMIT discards the handler's response, headers included". Headers of
+  // middleware mounted before scopedSession() (hono/cors, hono/request-id) are not the handler's:
+  // a browser can only read the 500 if it keeps Access-Control-Allow-Origin (@scoped/express keeps
+  // "other headers (CORS, request ids)").
+  // BUG: the 500 has neither Access-Control-Allow-Origin nor X-Request-Id (only cors's Vary: Origin,
+  // which it sets after next()): its headers are content-type/length only. A browser then sees a
+  // CORS failure instead of the 500, and the request id that names the failure in the logs is
+  // gone. On Hono's own error path (a thrown Error answered by app.onError) both are kept. The
+  // replacement response is made from a fresh Context, so every header set on c.res before the
+  // handler ran is dropped with the handler's own. Expected: drop what the handler set (Set-Cookie,
+  // Location, …), keep what middleware before it set, as @scoped/express does.
+  it.fails('hono/cors and hono/request-id mounted before it: the 500 keeps their headers, drops the handler’s Set-Cookie', async () => {
+    const app = new Hono()
+    app.use(cors({ origin: 'https://example.test' }))
+    app.use(requestId())
+    app.use(scopedSession(d.scope))
+    app.post('/orders/:id', async (c) => {
+      await insertOrphan(c.req.param('id'))
+      c.header('Set-Cookie', 'order=1')
+      return c.json({ id: c.req.param('id') }, 201)
+    })
+    const s = await serve1(app)
+    const res = await fetch(`${s.url}/orders/cors-1`, {
+      method: 'POST',
+      headers: { origin: 'https://example.test' },
+    })
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await settled(d)
+    expect(res.headers.get('set-cookie')).toBeNull()
+    expect(res.headers.get('access-control-allow-origin')).toBe('https://example.test')
+    expect(res.headers.get('x-request-id')).toMatch(/./)
+    expect(await exists('children', 'cors-1')).toBe(false)
   })
 })
