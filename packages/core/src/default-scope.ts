@@ -13,7 +13,7 @@
  * ```
  */
 import type { JobOptions, LoopOptions, Scope } from './scope.js'
-import { defaultScope } from './scope.js'
+import { closedDefaultScope, defaultScope } from './scope.js'
 import type { Session } from './session.js'
 
 /** Augment with `{ scope: typeof yourScope }` to type `getSession()` & co. */
@@ -25,13 +25,14 @@ type RegisteredScope = Register extends { scope: infer S } ? S : Scope<unknown>
 export type DefaultConnection = RegisteredScope extends Scope<infer C> ? C : unknown
 
 function scope(call: string): Scope<DefaultConnection> {
-  if (!defaultScope) {
+  const s = defaultScope ?? closedDefaultScope
+  if (!s) {
     throw new Error(
       `${call}: there is no default scope. Create one first: createScope({ driver }) ` +
         '(or pass default: true), or call the method on your scope object.',
     )
   }
-  return defaultScope
+  return s
 }
 
 /** The current session of the default scope. Throws `NoActiveScopeError` outside a scope. */
@@ -41,7 +42,7 @@ export function getSession(): Session<DefaultConnection> {
 
 /** True inside a scope of the default scope. */
 export function hasSession(): boolean {
-  return defaultScope?.hasSession() ?? false
+  return (defaultScope ?? closedDefaultScope)?.hasSession() ?? false
 }
 
 /** `scope.runJob` of the default scope. */

@@ -205,6 +205,8 @@ export class OpenScope<C> {
   #releaseIdle: boolean
   #session: Session<C> | undefined
   #removed = false
+  /** Sessions of this scope that remove() is still closing. */
+  #removals = 0
   #ending: Promise<SessionOutcome> | undefined
   /** How an end that completed at once (endNow) went; `#ending` is made only if asked for. */
   #endOutcome: SessionOutcome | undefined
@@ -363,7 +365,14 @@ export class OpenScope<C> {
     }
     this.#removed = true
     s.noteRemoved()
-    await s.close({ commit: false })
+    // Until the removed session released its connection (it waits for its running uses),
+    // the scope counts as open even once it ended, so scope.close() waits for it too.
+    this.#removals++
+    try {
+      await s.close({ commit: false })
+    } finally {
+      if (--this.#removals === 0 && this.#ended) this.#scope.frameEnded(this)
+    }
   }
 
   /**
@@ -449,7 +458,7 @@ export class OpenScope<C> {
     if (this.#external && this.#onExternal) {
       this.#external.removeEventListener('abort', this.#onExternal)
     }
-    this.#scope.frameEnded(this)
+    if (this.#removals === 0) this.#scope.frameEnded(this)
   }
 }
 
@@ -818,7 +827,15 @@ export class ScopeImpl<C> implements Scope<C> {
     if (!(Number.isFinite(timeoutMs) && timeoutMs >= 0)) {
       throw new TypeError(`close({ timeoutMs }): expected a finite number >= 0, got ${timeoutMs}`)
     }
-    this.#closing ??= this.#close(timeoutMs)
+    this.#closing ??= this.#close(timeoutMs).finally(() => {
+      // The default scope stays the default until it closed: the requests and jobs it
+      // waits for still call the top-level getSession(). Then the top-level functions
+      // speak of it as closed, until another default scope is made.
+      if (defaultScope === this) {
+        defaultScope = undefined
+        closedDefaultScope = this
+      }
+    })
     return this.#closing
   }
 
@@ -832,7 +849,6 @@ export class ScopeImpl<C> implements Scope<C> {
   async #close(timeoutMs: number): Promise<void> {
     this.core.closed = true
     this.#closeController?.abort()
-    if (defaultScope === this) defaultScope = undefined
     if (this.#openCount > 0) {
       let timer: NodeJS.Timeout | undefined
       await Promise.race([
@@ -956,6 +972,12 @@ function validateRunOptions(
 
 /** @internal The scope that top-level `getSession()` & co. use. */
 export let defaultScope: ScopeImpl<any> | undefined
+/**
+ * @internal The default scope that closed, until another is made: the top-level
+ * functions answer as it does (`ScopeClosedError`, `NoActiveScopeError`) rather
+ * than "there is no default scope".
+ */
+export let closedDefaultScope: ScopeImpl<any> | undefined
 
 /**
  * Create a scope over a driver.
@@ -974,11 +996,14 @@ export function createScope<C>(options: ScopeOptions<C>): Scope<C> {
   if (scope.options.default) {
     if (defaultScope) {
       throw new Error(
-        `createScope({ name: '${scope.name}' }): the default scope is already '${defaultScope.name}'. ` +
-          'Pass default: false for every scope after the first (and use its own getSession()), or close the first one.',
+        `createScope({ name: '${scope.name}' }): the default scope is already '${defaultScope.name}'` +
+          (defaultScope.core.closed
+            ? ', and it is still closing (the top-level getSession() of the work it waits for is still its). Await its close() first.'
+            : '. Pass default: false for every scope after the first (and use its own getSession()), or close the first one.'),
       )
     }
     defaultScope = scope
+    closedDefaultScope = undefined
   }
   return scope
 }

@@ -52,7 +52,7 @@ describe('the default scope while it closes', () => {
   // getSession() inside the job that close() is waiting for throws a plain Error ("there is no
   // default scope. Create one first ..."); the job's last statement never runs and the job
   // rolls back. scope.getSession() on the scope object still works.
-  it.fails('top-level getSession() inside a job that close() waits for still returns the job’s session', async () => {
+  it('top-level getSession() inside a job that close() waits for still returns the job’s session', async () => {
     const driver = new FakeDriver()
     const scope = createScope({ driver, leakDetectionMs: 0, onError: () => {} })
     scopes.push(scope)
@@ -77,7 +77,7 @@ describe('the default scope while it closes', () => {
   // scope closed, the top-level runJob() throws synchronously (it is not even a rejected
   // promise) a plain Error "runJob(): there is no default scope", not ScopeClosedError; a
   // worker that catches ScopeClosedError to stop (as loop() itself does) does not catch it.
-  it.fails('top-level runJob() after the default scope closed rejects with ScopeClosedError', async () => {
+  it('top-level runJob() after the default scope closed rejects with ScopeClosedError', async () => {
     const driver = new FakeDriver()
     const scope = createScope({ driver, leakDetectionMs: 0 })
     scopes.push(scope)
@@ -97,7 +97,7 @@ describe('the default scope while it closes', () => {
   // Throws `NoActiveScopeError` outside one." What happens once the default scope closed (and
   // so before any createScope()): a plain Error "getSession(): there is no default scope",
   // without the code a caller matches on.
-  it.fails('top-level getSession() outside any scope, after the default scope closed, throws NoActiveScopeError', async () => {
+  it('top-level getSession() outside any scope, after the default scope closed, throws NoActiveScopeError', async () => {
     const driver = new FakeDriver()
     const scope = createScope({ driver, leakDetectionMs: 0 })
     scopes.push(scope)
@@ -388,7 +388,7 @@ describe('remove() not awaited, then the scope ends', () => {
   // (the driver sees the release with busy: 1), long before its timeoutMs. With pg the
   // statement then fails with a SessionClosedError saying the close "timed out after 5000 ms",
   // which it did not (packages/pg/test/review-s6.test.ts).
-  it.fails('close() right after such a run waits for the removed session’s statement instead of destroying its connection under it', async () => {
+  it('close() right after such a run waits for the removed session’s statement instead of destroying its connection under it', async () => {
     const { driver, scope } = make()
     let slow: Promise<unknown> | undefined
     await scope.run(async () => {

@@ -323,7 +323,7 @@ describe('remove() not awaited, then a graceful shutdown', () => {
   // once (the test takes ~130 ms), under the statement, which rejects with a SessionClosedError
   // that says "its connection was destroyed because scope.close() timed out after 5000 ms" —
   // it did not time out.
-  it.fails('close() waits for the removed session’s running statement, which completes', async () => {
+  it('close() waits for the removed session’s running statement, which completes', async () => {
     const { scope, db } = setup()
     let slow: Promise<unknown> | undefined
     await scope.run(async () => {
