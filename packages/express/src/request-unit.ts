@@ -315,7 +315,19 @@ export class RequestUnit implements TracedUnit {
     if (this.#ended || this.#aborted || this.#gone(res)) {
       // Aborted (client gone, timed out), or the response destroyed: nobody waits for a
       // COMMIT. The handler may still be running; the unit ends (rolled back) when it settled.
-      this.#letThrough(res, args)
+      if (this.#aborted && !this.#ended && !this.#gone(res) && this.#claimsCommit(res)) {
+        // A timeout aborted the unit of work, but a callback let the request go on, and its
+        // response claims the work was done: the client must not read that for a rollback.
+        this.#report(
+          this.open.aborted,
+          `the ${res.statusCode} response of '${this.#sessionName()}' (its unit of work was aborted and rolled back; answered 500 instead)`,
+        )
+        const gate = this.#gateOf()
+        gate.hold(args)
+        gate.fail(res)
+      } else {
+        this.#letThrough(res, args)
+      }
       this.#endWhenSettled = true
       this.#settle()
       return res
@@ -359,11 +371,28 @@ export class RequestUnit implements TracedUnit {
     }
     const gate = this.#gateOf()
     gate.hold(args)
+    gate.freeze(res)
     this.open.end({ commit: true }).then(
       () => gate.send(res),
       (error) => this.#commitFailed(res, args, error),
     )
     return res
+  }
+
+  /**
+   * Would this response have committed, had the unit of work not been aborted? Only
+   * when it has a session (a request that never used the database claims nothing). A
+   * commitOn that fails here counts as yes: its response is not sent as it stands.
+   */
+  #claimsCommit(res: ServerResponse): boolean {
+    if (this.open.existingSession === undefined) return false
+    const commitOn = this.#options.commitOn
+    if (commitOn === defaultCommitOn) return this.#error === undefined && res.statusCode < 500
+    try {
+      return answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
+    } catch {
+      return true
+    }
   }
 
   /**

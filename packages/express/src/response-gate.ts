@@ -103,6 +103,8 @@ export class ResponseGate {
   #written = 0
   /** Holding an encoded body's writes (see encodedHoldLimit): how many bytes. */
   #encodedBytes = -1
+  /** The status and headers as they were when the held end was called (see freeze). */
+  #frozen: { status: number; message: string; headers: Record<string, unknown> } | undefined
 
   /** `end` and `write`: what the response had before (Node's, or an earlier middleware's). */
   constructor(end: End, write: Write) {
@@ -116,10 +118,43 @@ export class ResponseGate {
     this.#endArgs = args
   }
 
+  /**
+   * The held end waits for a COMMIT: keep its status and headers as they are now.
+   * While it waits, `res.headersSent` is still false, so Express's final handler
+   * (a throw or a `next()` after `res.json()`) or a timeout callback's
+   * `if (!res.headersSent) res.status(503)` may rewrite them for an answer of
+   * their own (whose end is ignored, as Node ignores an end after end). The
+   * response that goes out is the one that was ended, as it was ended.
+   */
+  freeze(res: ServerResponse): void {
+    if (this.#frozen !== undefined || res.headersSent) return
+    this.#frozen = {
+      status: res.statusCode,
+      message: res.statusMessage,
+      headers: { ...res.getHeaders() },
+    }
+  }
+
+  #thaw(res: ServerResponse): void {
+    const frozen = this.#frozen
+    if (frozen === undefined || res.headersSent) return
+    res.statusCode = frozen.status
+    res.statusMessage = frozen.message
+    for (const name of res.getHeaderNames()) {
+      if (!(name in frozen.headers)) res.removeHeader(name)
+    }
+    for (const name in frozen.headers) {
+      if (res.getHeader(name) !== frozen.headers[name]) {
+        res.setHeader(name, frozen.headers[name] as string | number | readonly string[])
+      }
+    }
+  }
+
   /** Let everything held through: the response ends as the handler wrote it. */
   send(res: ServerResponse): void {
     if (this.#state === 'released') return
     this.#state = 'released'
+    this.#thaw(res)
     for (const args of this.#held) this.#write.apply(res, args)
     this.#held = []
     this.#end.apply(res, this.#endArgs)
@@ -144,6 +179,7 @@ export class ResponseGate {
       res.destroy()
       return
     }
+    this.#thaw(res)
     // Generated but not sent (compression() does so before its body): start over.
     if (res.headersSent) (res as unknown as Outgoing)._header = null
     for (const name of claimHeaders) res.removeHeader(name)

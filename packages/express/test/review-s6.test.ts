@@ -161,11 +161,10 @@ describe('aborts and timeouts', () => {
   // client that receives a clean 2xx should find the work saved. A res.setTimeout() callback
   // that only logs (the request goes on) while the handler awaits something slow, after which
   // the handler answers 201 with no further statement:
-  // BUG: the unit of work is rolled back (aborted by the timeout) yet the client receives a
-  // clean 201 for it; the row is absent. Nothing tells the handler (no statement ran after the
-  // abort) and the 201 is not turned into a 5xx. Expected: a 2xx only for committed work
-  // (e.g. the aborted unit answers 500 at res.end(), as a failed COMMIT does).
-  it.fails('res.setTimeout(ms, log only), then a 201 with no statement after the timeout: the client is not told 201 for rolled-back work', async () => {
+  // Was a bug (fixed in session 6): the unit of work was rolled back (aborted by the timeout)
+  // yet the client received a clean 201 for it. Now the aborted unit answers 500 at res.end(),
+  // as a failed COMMIT does.
+  it('res.setTimeout(ms, log only), then a 201 with no statement after the timeout: the client is not told 201 for rolled-back work', async () => {
     const srv = await serve((app) => {
       app.post('/slow/:id', async (req, res) => {
         res.setTimeout(100, () => {
@@ -558,13 +557,13 @@ describe('right after res.json()', () => {
   // the COMMIT succeeded, then sent as written". A handler that answers, then throws in the same
   // turn (a bug after the answer; plain Express sends the complete 201 and logs the error): what
   // the client sees and what is saved must agree.
-  // BUG: the row is committed, but the client gets status 500 with the 201's body
+  // Was a bug (fixed in session 6, the held response keeps the status and headers it was ended with): the row is committed, but the client gets status 500 with the 201's body
   // ({"id":"at-1"}) and then the connection breaks off (ended: 'error'). While the end is held for
   // the COMMIT, res.headersSent is false, so Express's final handler treats the error as
   // unanswered: it sets res.statusCode = 500 on the held response (which then goes out with the
   // handler's body) and its own 500 cuts the socket. Expected: the complete 201 as written (the
   // first res.end() decided and committed), as without the middleware.
-  it.fails('res.json() then a throw in the same turn: the client’s answer and the saved work agree, one release', async () => {
+  it('res.json() then a throw in the same turn: the client’s answer and the saved work agree, one release', async () => {
     const srv = await serve((app) => {
       app.post('/answer-throw/:id', async (req, res) => {
         const id = req.params.id as string
@@ -596,11 +595,11 @@ describe('right after res.json(), Express itself', () => {
   // then sent as written". A middleware that answers and still calls next() (a common slip), with
   // no route after it: plain Express sends the complete 201 (its final 404 handler finds the
   // headers sent).
-  // BUG: the row is committed, but the client gets status 404 with the 201's body
+  // Was a bug (fixed in session 6, as above): the row is committed, but the client gets status 404 with the 201's body
   // ({"id":"jn-1"}) and then the connection breaks off (ended: 'error'). Same cause as the throw
   // above: while the end is held for the COMMIT, res.headersSent is false, so Express's final
   // handler sets res.statusCode = 404 on the held response and its own 404 cuts the socket.
-  it.fails('res.json() then next() with nothing after: the client gets the 201 as written, committed', async () => {
+  it('res.json() then next() with nothing after: the client gets the 201 as written, committed', async () => {
     const srv = await serve((app) => {
       app.use(async (req, res, next) => {
         const id = String(req.headers['x-id'])
@@ -636,12 +635,12 @@ describe('a socket timeout while the COMMIT runs', () => {
   // the COMMIT (decided by the first res.end()) is blocked on another transaction's lock; the
   // callback answers 503 if nothing was sent (the connect-timeout pattern). What the client sees
   // and what is saved must agree.
-  // BUG: the COMMIT goes through (saved), but the client gets status 503 with the handler's body
+  // Was a bug (fixed in session 6, as above): the COMMIT goes through (saved), but the client gets status 503 with the handler's body
   // ('saved') and then the connection breaks off (ended: 'error'). While the end is held,
   // res.headersSent is false, so the callback's res.status(503) rewrites the held response's
   // status and its send() cuts the socket. Expected: the 201 as written once it is committed
   // (or a 503 with nothing saved), never a 503 for committed work.
-  it.fails('a 503 from the timeout callback during a blocked COMMIT: the client’s answer and the saved work agree, one release', async () => {
+  it('a 503 from the timeout callback during a blocked COMMIT: the client’s answer and the saved work agree, one release', async () => {
     await independentQuery(
       url,
       `CREATE TABLE IF NOT EXISTS uniq (k text,
