@@ -463,7 +463,7 @@ describe('two scopes on one app', () => {
   //
   // The second (inner) scope failing holds: its res.end hook runs first, its failed COMMIT turns the
   // response into a 500, and the first scope, asked about a 500, rolls back.
-  // LIMIT (first; undocumented): the inner scope has COMMITted before the outer one's COMMIT fails:
+  // LIMIT (first; documented in the README's Limits since session 6): the inner scope has COMMITted before the outer one's COMMIT fails:
   // the client gets a 500 while the second database keeps the row (kept: { first: false, second:
   // true }). Without two-phase commit one order of failure always does this (@scoped/hono: the
   // same order; @scoped/fastify: the other order); the README does not say which scope commits
