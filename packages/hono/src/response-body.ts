@@ -264,3 +264,34 @@ export function liveBody(
     },
   })
 }
+
+/**
+ * Headers that describe the body or the state the response claims (what it
+ * stored, where it now is, who is logged in): a failed COMMIT's 500 must not
+ * carry them. The same list as `@scoped/express` and `@scoped/fastify`.
+ */
+const claimHeaders = new Set([
+  'content-type',
+  'content-length',
+  'content-encoding',
+  'content-language',
+  'content-range',
+  'content-disposition',
+  'content-location',
+  'etag',
+  'last-modified',
+  'location',
+  'set-cookie',
+  'transfer-encoding',
+])
+
+/**
+ * The headers of a discarded response that its replacement keeps: all but the
+ * claim headers, so those of middleware that answers for every request (CORS,
+ * request ids) reach the client with the 500, as on Hono's own error path.
+ */
+export function keptHeaders(headers: Headers): [name: string, value: string][] {
+  const kept: [string, string][] = []
+  for (const [name, value] of headers) if (!claimHeaders.has(name)) kept.push([name, value])
+  return kept
+}

@@ -31,7 +31,7 @@ import {
   type ScopedSessionOptions,
 } from './options.js'
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
-import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
+import { bodyIsFinished, cancelBody, inspectBody, keptHeaders } from './response-body.js'
 import { patternAfter, routeName } from './route-name.js'
 
 export interface ScopedFetchOptions extends Omit<ScopedSessionOptions, 'name'> {
@@ -263,7 +263,7 @@ function returned<C>(
   if (life.answered !== undefined || life.aborted || !bodyIsFinished(res)) {
     life.watch()
     life.chainSettled()
-    const answer = (error: unknown) => answerFailure(w, request, env, executionCtx, error)
+    const answer = (error: unknown) => answerFailure(w, request, env, executionCtx, error, res)
     return settleSlowly(life, res, w.opts, answer)
   }
   life.chainSettled()
@@ -271,16 +271,16 @@ function returned<C>(
   try {
     commit = commitReturned(w.opts, res.status)
   } catch (e) {
-    return life.rollback().then(() => answerFailure(w, request, env, executionCtx, e))
+    return life.rollback().then(() => answerFailure(w, request, env, executionCtx, e, res))
   }
   try {
     if (life.endNow(commit)) return res
   } catch (e) {
-    return answerFailure(w, request, env, executionCtx, e)
+    return answerFailure(w, request, env, executionCtx, e, res)
   }
   return life.end(commit).then(
     () => res,
-    (e: unknown) => answerFailure(w, request, env, executionCtx, e),
+    (e: unknown) => answerFailure(w, request, env, executionCtx, e, res),
   )
 }
 
@@ -338,8 +338,11 @@ async function settleSlowly<C>(
  * read): the app's response must not go out. The application's error handler
  * answers, as it would inside the chain, with a Context made for it (the
  * request, its env and route params; not the variables middleware set on the
- * request's own Context, which is out of reach here). Hono's default answers
- * 500. What the handler throws rejects the fetch (node-server answers 500).
+ * request's own Context, which is out of reach here). The discarded response's
+ * headers are on it, but for those that describe its body or claim what it did
+ * (see `keptHeaders()`): CORS and request-id headers reach the client with the
+ * 500, a `Set-Cookie` or `Location` does not. Hono's default answers 500. What
+ * the handler throws rejects the fetch (node-server answers 500).
  */
 async function answerFailure(
   w: Wrapped,
@@ -347,6 +350,7 @@ async function answerFailure(
   env: unknown,
   executionCtx: unknown,
   thrown: unknown,
+  discarded: Response,
 ): Promise<Response> {
   const { app } = w
   const error = asError(thrown)
@@ -356,6 +360,7 @@ async function answerFailure(
     path: app.getPath(request, { env }),
     matchResult: matchOf(app, request, env),
   })
+  for (const [name, value] of keptHeaders(discarded.headers)) c.header(name, value)
   c.error = error
   return await w.tracking.handler(error, c as never)
 }

@@ -14,7 +14,7 @@ import {
   type ScopedSessionOptions,
 } from './options.js'
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
-import { bodyIsFinished, cancelBody, inspectBody } from './response-body.js'
+import { bodyIsFinished, cancelBody, inspectBody, keptHeaders } from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
 import { lifeOf } from './scoped-fetch.js'
 
@@ -170,21 +170,27 @@ function commitFailed(c: Context, e: unknown): never {
 }
 
 /**
- * Drop the handler's response, headers included: Hono builds app.onError's
- * answer on the Context's prepared headers (what `c.header()`/`setCookie()`
- * wrote, the same object the handler's `c.json()` used), so a `Set-Cookie`
- * of a login that rolled back would otherwise go out with the 500.
+ * Drop the handler's response and the headers that describe it or claim what
+ * it did (content-*, ETag, Location, Set-Cookie, …; see `keptHeaders()`), keep
+ * the rest (CORS, request ids, set by middleware before this one): Hono builds
+ * app.onError's answer on the Context's prepared headers (what
+ * `c.header()`/`setCookie()` wrote, the same object the handler's `c.json()`
+ * used), so a `Set-Cookie` of a login that rolled back would otherwise go out
+ * with the 500, and a browser needs Access-Control-Allow-Origin to read it.
  */
 function discardResponse(c: Context): void {
   const headers = c.res.headers
+  const kept = keptHeaders(headers)
   const names = [...new Set(headers.keys())]
   for (const name of names) headers.delete(name)
   replaceResponse(c, undefined)
   // The Response may hold a copy of the prepared headers (c.redirect()'s Location, an ETag
   // set with c.header() before c.body()): clear them where c.header() keeps them, with no
-  // response in place (c.header() on a finalized Context would copy the response instead).
+  // response in place (c.header() on a finalized Context would copy the response instead),
+  // then put back those the 500 keeps.
   c.finalized = false
   for (const name of names) c.header(name, undefined)
+  for (const [name, value] of kept) c.header(name, value)
 }
 
 /** Everything but the common case: an Error app.onError answered, a timeout, a client gone, a body to read ahead. */

@@ -290,12 +290,15 @@ describe('scopedFetch(app)', () => {
 })
 
 describe('two scopes on one app', () => {
-  // README (What runs inside it): "Two different scopes each get their own." review-s4 pins that
-  // the inner scope's failed COMMIT is a 500 and the outer scope rolls back. The other order:
-  // LIMIT (undocumented): the inner scope has COMMITted before the outer one's COMMIT fails: the
-  // client gets a 500 while the inner database keeps the row. Without two-phase commit one order
-  // of failure always does this (@scoped/express: the same order; @scoped/fastify: the other);
-  // the README does not say which scope commits first nor that a 500 can follow committed work.
+  // README (What runs inside it): "Two different scopes each get their own, and commit one after
+  // the other, the inner one first", and (Limits) "Two scopes commit one after the other, not
+  // atomically … If `a`'s COMMIT fails, `b` has already committed: the client gets the 500 and
+  // `b`'s database keeps its work." review-s4 pins the other order: the inner scope's failed
+  // COMMIT is a 500 and the outer scope rolls back.
+  // LIMIT (documented there; kept as it.fails): the inner scope has COMMITted before the outer
+  // one's COMMIT fails: the client gets a 500 while the inner database keeps the row. Without
+  // two-phase commit one order of failure always does this (@scoped/fastify: the second
+  // registered scope; @scoped/express: the same order as here).
   it.fails("the outer scope's COMMIT fails after the inner one committed: a 500, and neither scope keeps the work", async () => {
     const b = await database('hono_review_s6_b', { setup })
     try {
@@ -371,16 +374,17 @@ describe('a client gone before the first statement', () => {
 })
 
 describe('a timeout while the COMMIT runs', () => {
-  // README (Timeouts): "Mounted *before* scopedSession(), the 504 goes out but the session (and its
-  // connection) stays with the handler until it settles, then rolls back." Here the handler has
-  // settled and the COMMIT is blocked on another transaction's lock when the 504 goes out: the
-  // client is told 504, so the work should not be committed afterwards.
-  // BUG: the 504 reaches the client while the COMMIT waits for the lock; when the lock goes, the
-  // COMMIT succeeds: the row is committed behind a 504 (saved: true). Nothing aborts (or cancels)
-  // the unit of work when the outer timeout() answers during its COMMIT. (Mounted after
-  // scopedSession(), as the README advises, timeout() cannot fire during the COMMIT.) Expected, as
-  // the README says: rolled back, e.g. by cancelling the blocked COMMIT when the response goes out
-  // from outside.
+  // README (Timeouts): mounted before scopedSession(), a timeout that fires while the handler runs
+  // is followed by a rollback; "One that fires after the handler settled, while the middleware
+  // commits (a COMMIT waiting for another transaction's lock, …) also sends its 504, but … the
+  // COMMIT's outcome stands, so the client may get a 504 for work that was committed. Mount
+  // `timeout()` after `scopedSession()` to avoid it."
+  // LIMIT (documented there; kept as it.fails): here the handler has settled and the COMMIT is
+  // blocked on another transaction's lock when the 504 goes out; when the lock goes, the COMMIT
+  // succeeds: the row is committed behind the 504 (saved: true). The middleware decided to commit
+  // when next() settled, and a COMMIT already sent cannot be taken back (the lifecycle ignores an
+  // abort once end() started, rather than report a COMMIT that happened as failed). Mounted after
+  // scopedSession(), timeout() can only fire before the decision, and its 504 means rolled back.
   it.fails('timeout() mounted before scopedSession(), the 504 sent while the COMMIT is blocked: nothing committed behind the 504', async () => {
     await independentQuery(
       d.url,
@@ -415,19 +419,17 @@ describe('a timeout while the COMMIT runs', () => {
   })
 })
 
-describe('a failed COMMIT and the middleware before it', () => {
-  // README (Limits): "A failed COMMIT discards the handler's response, headers included". Headers of
-  // middleware mounted before scopedSession() (hono/cors, hono/request-id) are not the handler's:
-  // a browser can only read the 500 if it keeps Access-Control-Allow-Origin (@scoped/express keeps
-  // "other headers (CORS, request ids)").
-  // BUG: the 500 has neither Access-Control-Allow-Origin nor X-Request-Id (only cors's Vary: Origin,
-  // which it sets after next()): its headers are content-type/length only. A browser then sees a
-  // CORS failure instead of the 500, and the request id that names the failure in the logs is
-  // gone. On Hono's own error path (a thrown Error answered by app.onError) both are kept. The
-  // replacement response is made from a fresh Context, so every header set on c.res before the
-  // handler ran is dropped with the handler's own. Expected: drop what the handler set (Set-Cookie,
-  // Location, …), keep what middleware before it set, as @scoped/express does.
-  it.fails('hono/cors and hono/request-id mounted before it: the 500 keeps their headers, drops the handler’s Set-Cookie', async () => {
+describe('a failed COMMIT and the headers of the middleware around the handler', () => {
+  // README (Limits): "A failed COMMIT discards the handler's response": the 500 drops the headers
+  // that describe the body or claim what it did (content-*, ETag, Location, Set-Cookie, …) and keeps
+  // the rest, so a browser can read it (Access-Control-Allow-Origin) and the request id that names
+  // the failure in the logs reaches the client, as on Hono's own error path and in @scoped/express
+  // and @scoped/fastify.
+  // Was a bug (fixed): the 500 had neither Access-Control-Allow-Origin nor X-Request-Id (only cors's
+  // Vary: Origin, which it sets after next()): every header on the Context was dropped with the
+  // handler's own, and a browser saw a CORS failure instead of the 500. scopedFetch(app) answered
+  // from a fresh Context and lost them too.
+  it('scopedSession(): hono/cors and hono/request-id mounted before it: the 500 keeps their headers, drops the handler’s Set-Cookie', async () => {
     const app = new Hono()
     app.use(cors({ origin: 'https://example.test' }))
     app.use(requestId())
@@ -449,5 +451,35 @@ describe('a failed COMMIT and the middleware before it', () => {
     expect(res.headers.get('access-control-allow-origin')).toBe('https://example.test')
     expect(res.headers.get('x-request-id')).toMatch(/./)
     expect(await exists('children', 'cors-1')).toBe(false)
+  })
+
+  it('scopedFetch(app) with hono/cors and hono/request-id: the 500 keeps their headers, drops the handler’s Set-Cookie, Location and ETag', async () => {
+    const app = new Hono()
+    app.use(cors({ origin: 'https://example.test' }))
+    app.use(requestId())
+    app.post('/orders/:id', async (c) => {
+      await insertOrphan(c.req.param('id'))
+      c.header('Set-Cookie', 'order=1')
+      c.header('ETag', '"v1"')
+      return c.redirect(`/orders/${c.req.param('id')}/done`, 303)
+    })
+    const s = await serveFetch(scopedFetch(app, d.scope))
+    closers.push(() => s.close())
+    const res = await fetch(`${s.url}/orders/cors-2`, {
+      method: 'POST',
+      headers: { origin: 'https://example.test' },
+      redirect: 'manual',
+    })
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await settled(d)
+    expect(res.headers.get('set-cookie')).toBeNull()
+    expect(res.headers.get('location')).toBeNull()
+    expect(res.headers.get('etag')).toBeNull()
+    expect(res.headers.get('content-type')).toMatch(/^text\/plain/)
+    expect(res.headers.get('access-control-allow-origin')).toBe('https://example.test')
+    expect(res.headers.get('vary')).toBe('Origin')
+    expect(res.headers.get('x-request-id')).toMatch(/./)
+    expect(await exists('children', 'cors-2')).toBe(false)
   })
 })
