@@ -354,22 +354,19 @@ describe('hooks around the response', () => {
 })
 
 describe('two scopes on one app', () => {
-  // README (Decisions): "Two scopes (two databases) may each be registered, the second with
-  // { decorate: false }: each request gets a session of each, committed separately." The headline
-  // promise is "rolled back on ... a 5xx": when one scope's COMMIT fails, the client gets a 500,
-  // and the other scope's work should then not stay committed behind that 500 where it can still
-  // be rolled back (@scoped/hono rolls the other scope back: its review-s4 "the inner scope's
-  // failed COMMIT is a 500 and the outer scope rolls back").
-  //
+  // README (Decisions and limits): "Two scopes commit one after the other, not atomically … the
+  // scope registered first commits first, then the second. If the first one's COMMIT fails, the 500
+  // … passes through the second one's `onSend`, which rolls back … If the second one's COMMIT
+  // fails, the first has already committed: the client gets the 500 and the first database keeps
+  // its work."
   //
   // The first scope failing holds: its onSend hook runs first, its failed COMMIT is the 500, and the
   // second scope, asked about a 500, rolls back.
-  // LIMIT (second; undocumented): onSend hooks run in registration order, so the first scope has
-  // COMMITted before the second one's COMMIT fails: the client gets a 500 while the first database
-  // keeps the row (kept: { first: 1, second: 0 }). Without two-phase commit one order of failure
-  // always does this (in @scoped/hono and @scoped/express too, with the other order: see their
-  // review-s6); the README says "committed separately" but not which scope commits first nor that
-  // a 500 can follow committed work of the other scope.
+  // LIMIT (second; documented there, kept as it.fails): onSend hooks run in registration order, so
+  // the first scope has COMMITted before the second one's COMMIT fails: the client gets a 500 while
+  // the first database keeps the row (kept: { first: 1, second: 0 }). Without two-phase commit one
+  // order of failure always does this (in @scoped/hono and @scoped/express too, with the inner,
+  // later-mounted scope committing first: see their review-s6).
   for (const failing of ['first', 'second'] as const) {
     ;(failing === 'second' ? it.fails : it)(
       `the ${failing} registered scope's COMMIT fails: a 500, and neither scope keeps the work`,
