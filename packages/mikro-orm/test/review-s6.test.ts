@@ -248,3 +248,19 @@ describe('two requests at once', () => {
     expect(await values()).toEqual(['a'])
   })
 })
+
+describe('an EntityManager kept past its request, only looked at', () => {
+  // README: "After release the fork's transaction context is replaced by one that throws
+  // SessionClosedError on any query or flush". Logging the EntityManager (util.inspect, as
+  // console.log and loggers do) is neither, and does not throw. (A deep equality over a closed fork,
+  // e.g. vitest's toEqual/toBe diff, does: it reads the context proxy, whose `has` trap throws.)
+  it('util.inspect(em) after release does not throw', async () => {
+    let kept: EntityManager | undefined
+    await scope.run(async () => {
+      kept = await currentEntityManager(scope)
+      await kept.execute('SELECT 1')
+    })
+    const { inspect } = await import('node:util')
+    expect(() => inspect(kept, { depth: 2 })).not.toThrow()
+  })
+})
