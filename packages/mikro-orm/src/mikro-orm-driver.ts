@@ -455,7 +455,11 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       await announce(em, EventType.beforeTransactionRollback, trx)
       await end(em, p, 'ROLLBACK')
       em.resetTransactionContext()
-      em.getUnitOfWork().clearActionsQueue()
+      // What the fork loaded or changed may be what the database just undid: forget it all
+      // (as SQLAlchemy expires every instance on rollback), so the next read — a retried
+      // transaction(fn), the next unit of work — reads the rows as they are. Kept, a
+      // retry read its own failed attempt's changes and committed a lost update.
+      em.clear()
       await announce(em, EventType.afterTransactionRollback, trx)
     },
     async savepoint(em) {

@@ -181,16 +181,17 @@ describe('transaction(fn, { retry }) (README: re-runs on 40001/40P01)', () => {
   })
 
   // README: "ROLLBACK on the connection (...); the unit of work's pending actions are dropped" and
-  // "transaction(fn, { retry }) re-runs on 40001/40P01". What happens: the retry re-runs fn on the
+  // "transaction(fn, { retry }) re-runs on 40001/40P01". Was a bug (fixed in session 6: ROLLBACK
+  // now clears the fork, README "ROLLBACK"). What happened: the retry re-ran fn on the
   // same fork, whose identity map still holds the failed attempt's entity with its in-memory change
   // (v = '1'); findOneOrFail(Note, 1) answers from it without a query, so attempt 2 reads '1', not
   // the committed '100', and commits '2' over the concurrent '100': the lost update that REPEATABLE
   // READ + retry exists to prevent (read ['0', '1'], committed ['2'], in both modes).
-  it.fails("'none': the retried attempt reads the row again, not the failed attempt's entity from the identity map", async () => {
+  it("'none': the retried attempt reads the row again, not the failed attempt's entity from the identity map", async () => {
     await retryReads({ transaction: 'none' })
   })
 
-  it.fails("'auto', the scope's first statement: the retried attempt reads the row again, not the failed attempt's entity", async () => {
+  it("'auto', the scope's first statement: the retried attempt reads the row again, not the failed attempt's entity", async () => {
     await retryReads({})
   })
 })
