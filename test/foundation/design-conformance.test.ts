@@ -63,9 +63,11 @@ describe('getSession() outside a scope, when no default scope exists', () => {
   // `runJob`)." and Errors: "All extend `ScopedError` with a stable `code`". What happens when
   // the process has only `default: false` scopes (or none yet): the top-level getSession()
   // throws a plain Error "getSession(): there is no default scope. Create one first: ...",
-  // with no `code`, so `instanceof NoActiveScopeError` / `e.code === 'NO_ACTIVE_SCOPE'` miss it.
+  // with no `code`, so `instanceof NoActiveScopeError` / `e.code === 'NO_ACTIVE_SCOPE'` missed it.
+  // Fixed in session 6: a NoActiveScopeError saying there is no default scope (runJob() & co.
+  // reject with it).
   // (After a default scope closed it is a NoActiveScopeError: core/test/review-s6.test.ts.)
-  it.fails('throws NoActiveScopeError (a ScopedError with a code)', async () => {
+  it('throws NoActiveScopeError (a ScopedError with a code)', async () => {
     const t = pool('no_default')
     const scope = createScope({ driver: pgDriver(t.pool), default: false, name: 'not-default' })
     closers.push(() => scope.close())
@@ -79,6 +81,13 @@ describe('getSession() outside a scope, when no default scope exists', () => {
     }
     expect(thrown).toBeInstanceOf(Error)
     expect(thrown).toBeInstanceOf(NoActiveScopeError)
+    expect((thrown as Error).message).toMatch(/no default scope.*createScope\(\{ driver \}\)/)
+    // The promise-returning ones reject (they do not throw), with the same error.
+    let result: Promise<unknown> | undefined
+    expect(() => {
+      result = runJob(async () => 'never')
+    }).not.toThrow()
+    await expect(result).rejects.toBeInstanceOf(NoActiveScopeError)
   })
 })
 

@@ -12,6 +12,7 @@
  * declare module '@scoped/core' { interface Register { scope: typeof scope } }
  * ```
  */
+import { NoActiveScopeError } from './errors.js'
 import type { JobOptions, LoopOptions, Scope } from './scope.js'
 import { closedDefaultScope, defaultScope } from './scope.js'
 import type { Session } from './session.js'
@@ -24,40 +25,42 @@ type RegisteredScope = Register extends { scope: infer S } ? S : Scope<unknown>
 /** The connection type of the registered default scope (`unknown` until one is registered). */
 export type DefaultConnection = RegisteredScope extends Scope<infer C> ? C : unknown
 
-function scope(call: string): Scope<DefaultConnection> {
-  const s = defaultScope ?? closedDefaultScope
-  if (!s) {
-    throw new Error(
-      `${call}: there is no default scope. Create one first: createScope({ driver }) ` +
-        '(or pass default: true), or call the method on your scope object.',
-    )
-  }
-  return s
+/** The default scope (or the closed one, until another is made), if any. */
+function current(): Scope<DefaultConnection> | undefined {
+  return defaultScope ?? closedDefaultScope
 }
 
 /** The current session of the default scope. Throws `NoActiveScopeError` outside a scope. */
 export function getSession(): Session<DefaultConnection> {
-  return scope('getSession()').getSession()
+  const s = current()
+  if (!s) throw new NoActiveScopeError(undefined, 'getSession()')
+  return s.getSession()
 }
 
 /** True inside a scope of the default scope. */
 export function hasSession(): boolean {
-  return (defaultScope ?? closedDefaultScope)?.hasSession() ?? false
+  return current()?.hasSession() ?? false
 }
 
 /** `scope.runJob` of the default scope. */
 export function runJob<T>(fn: () => Promise<T>, opts?: JobOptions): Promise<T> {
-  return scope('runJob()').runJob(fn, opts)
+  const s = current()
+  if (!s) return Promise.reject(new NoActiveScopeError(undefined, 'runJob()'))
+  return s.runJob(fn, opts)
 }
 
 /** `scope.loop` of the default scope. */
 export function loop(fn: () => Promise<void>, opts: LoopOptions): Promise<void> {
-  return scope('loop()').loop(fn, opts)
+  const s = current()
+  if (!s) return Promise.reject(new NoActiveScopeError(undefined, 'loop()'))
+  return s.loop(fn, opts)
 }
 
 /** `scope.remove` of the default scope. */
 export function remove(): Promise<void> {
-  return scope('remove()').remove()
+  const s = current()
+  if (!s) return Promise.reject(new NoActiveScopeError(undefined, 'remove()'))
+  return s.remove()
 }
 
 /** The default scope itself (undefined when there is none). */

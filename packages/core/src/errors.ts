@@ -27,15 +27,20 @@ export class ScopedError extends Error {
 /** `getSession()` (or a query through a scoped facade) ran outside any scope. */
 export class NoActiveScopeError extends ScopedError {
   readonly scopeName: string
-  constructor(scopeName: string, call: string) {
+  /** With `scopeName` undefined: a top-level function was called and there is no default scope. */
+  constructor(scopeName: string | undefined, call: string) {
     super(
       'NO_ACTIVE_SCOPE',
-      `${call} was called outside a scope of '${scopeName}'. ` +
-        'There is no request or job here to own a database session. ' +
-        'Fix: mount the middleware (app.use(scopedSession()) / app.register(scopedSession)), ' +
-        'or wrap the code in runJob(async () => { ... }) or scope.run(...).',
+      scopeName === undefined
+        ? `${call} was called, but there is no default scope for it to use. ` +
+            'Fix: create one first, createScope({ driver }) (the first scope is the default ' +
+            'unless default: false), or call the method on your scope object.'
+        : `${call} was called outside a scope of '${scopeName}'. ` +
+            'There is no request or job here to own a database session. ' +
+            'Fix: mount the middleware (app.use(scopedSession()) / app.register(scopedSession)), ' +
+            'or wrap the code in runJob(async () => { ... }) or scope.run(...).',
     )
-    this.scopeName = scopeName
+    this.scopeName = scopeName ?? ''
   }
 }
 
