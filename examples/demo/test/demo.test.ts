@@ -132,6 +132,15 @@ describe('pnpm demo', () => {
     expect(c.holders.every((h) => /^(POST|GET) \/orders/.test(h))).toBe(true)
     expect(c.firstTimeout).toMatch(/waited 1000 ms for a connection and gave up/)
     expect(c.firstTimeout).toMatch(/Connections held now:\n {2}- 'POST \/orders/)
+    // Review probe (session 6): examples/README.md, "a PoolTimeoutError that names every holder
+    // (route, time held, acquisition site)": every listed holder has all three.
+    const listed = (c.firstTimeout ?? '').split('\n').filter((l) => l.startsWith('  - '))
+    expect(listed).toHaveLength(r.poolSize)
+    for (const line of listed) {
+      expect(line).toMatch(
+        /^ {2}- '(POST|GET) \/orders[^']*' \(\S+\) held \d+ ms, [a-z-]+, acquired at \S/,
+      )
+    }
     expect(c.forced).toBe(c.holding)
     expect(c.activityAfterClose).toEqual({})
     expect(Object.values(r.checks).every(Boolean)).toBe(true)

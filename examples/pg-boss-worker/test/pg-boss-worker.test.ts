@@ -4,7 +4,7 @@
  * job in progress finish. And `sendInUnitOfWork`: a job exists if and only if
  * the unit of work that sent it committed.
  */
-import { createOrders, createSchema, type DB } from '@examples/shared'
+import { createOrders, createSchema, type DB, type Orders } from '@examples/shared'
 import { createScope, type Scope } from '@scoped/core'
 import { expectNoLeaks } from '@scoped/core/testing'
 import { kyselyDriver, scopedKysely } from '@scoped/kysely'
@@ -14,7 +14,7 @@ import PgBoss from 'pg-boss'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { backends, independentQuery, testDatabase } from '../../../test/support/db.ts'
 import { type ExampleProcess, startExample } from '../../shared/test/child.ts'
-import { QUEUE, sendInUnitOfWork } from '../src/queue.ts'
+import { QUEUE, sendInUnitOfWork, workOrders } from '../src/queue.ts'
 
 let url: string
 let scope: Scope<DatabaseConnection>
@@ -134,4 +134,69 @@ describe('sendInUnitOfWork (pg-boss on the session connection)', () => {
     expect(await queued()).toBe(1)
     await expectNoLeaks(scope)
   })
+})
+
+// Review probe (session 6): examples/README.md, "a thrown error rolls the job's unit of work
+// back and lets pg-boss retry it" (and queue.ts: "ROLLBACK when it throws (pg-boss then
+// retries the job)").
+describe('workOrders: a handler that throws', () => {
+  it("rolls the job's unit of work back, and pg-boss retries it: the retry finds the order still new", async () => {
+    // workOrders calls the top-level runJob(): it needs a default scope of its own.
+    const pool = new pg.Pool({ connectionString: url, max: 2 })
+    const jobScope = createScope({ driver: kyselyDriver(new PostgresDialect({ pool }), { pool }) })
+    const orders = createOrders(scopedKysely<DB>(jobScope))
+    const boss = new PgBoss({ connectionString: url, max: 2 })
+    await boss.start()
+    await boss.createQueue(QUEUE)
+    await independentQuery(url, 'DELETE FROM pgboss.job WHERE name = $1', [QUEUE])
+    try {
+      const created = await jobScope.run(async () =>
+        orders.create({ customer: 'retry', items: [{ sku: 'A', quantity: 1, priceCents: 100 }] }),
+      )
+      let attempts = 0
+      const crashesOnce: Orders = {
+        ...orders,
+        async processOne(id, o) {
+          attempts++
+          const processed = await orders.processOne(id, o)
+          if (attempts === 1) throw new Error('crashed after processing (simulated)')
+          return processed
+        },
+      }
+      const jobId = await boss.send(
+        QUEUE,
+        { orderId: created.id },
+        { retryLimit: 1, retryDelay: 0 },
+      )
+      const logs: string[] = []
+      await workOrders(boss, crashesOnce, { worker: 'probe', workMs: 0, log: (l) => logs.push(l) })
+      const deadline = Date.now() + 30_000
+      let job: { state: string; retry_count: number } | undefined
+      while (Date.now() < deadline) {
+        ;[job] = await independentQuery<{ state: string; retry_count: number }>(
+          url,
+          'SELECT state, retry_count FROM pgboss.job WHERE id = $1',
+          [jobId],
+        )
+        if (job?.state === 'completed' || job?.state === 'failed') break
+        await new Promise((r) => setTimeout(r, 100))
+      }
+      expect(job).toEqual({ state: 'completed', retry_count: 1 })
+      expect(attempts).toBe(2)
+      // The first attempt's UPDATE was rolled back: the retry processed the order itself.
+      expect(logs.filter((l) => l.includes(`order ${created.id} `))).toEqual([
+        expect.stringMatching(new RegExp(`order ${created.id} processed$`)),
+      ])
+      const [row] = await independentQuery(
+        url,
+        'SELECT status, processed_by FROM orders WHERE id = $1',
+        [created.id],
+      )
+      expect(row).toEqual({ status: 'processed', processed_by: 'probe' })
+      await expectNoLeaks(jobScope)
+    } finally {
+      await boss.stop({ graceful: false })
+      await jobScope.close()
+    }
+  }, 60_000)
 })

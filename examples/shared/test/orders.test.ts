@@ -214,3 +214,33 @@ describe('parseOrderInput', () => {
     expect(() => parseOrderInput(body)).toThrow(message)
   })
 })
+
+// Review probe (session 6): examples/README.md, "Schema creation runs in one unit of work under
+// pg_advisory_xact_lock, so an app and a worker that start together do not race on
+// CREATE TABLE IF NOT EXISTS".
+describe('createSchema', () => {
+  it('run by six scopes (six pools) at once on an empty database: all succeed, one schema', async () => {
+    const fresh = await testDatabase('example_shared_schema_race')
+    const scopes = Array.from({ length: 6 }, (_, n) => {
+      const p = new pg.Pool({ connectionString: fresh, max: 1 })
+      return createScope({
+        driver: kyselyDriver(new PostgresDialect({ pool: p }), { pool: p }),
+        name: `starter-${n}`,
+        default: false,
+      })
+    })
+    try {
+      const results = await Promise.allSettled(
+        scopes.map((s) => s.run(() => createSchema(scopedKysely<DB>(s)), { name: 'migrate' })),
+      )
+      expect(results.filter((r) => r.status === 'rejected')).toEqual([])
+      const tables = await independentQuery<{ table_name: string }>(
+        fresh,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+      )
+      expect(tables.map((t) => t.table_name)).toEqual(['order_items', 'orders'])
+    } finally {
+      await Promise.all(scopes.map((s) => s.close()))
+    }
+  })
+})
