@@ -10,6 +10,9 @@
  * on the channels.
  */
 import dc from 'node:diagnostics_channel'
+import type { Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { serve } from '@hono/node-server'
 import {
   type AcquireMessage,
   type CloseMessage,
@@ -23,7 +26,11 @@ import {
   type TimeoutMessage,
 } from '@scoped/core'
 import { instrumentScope } from '@scoped/core/otel'
+import { scopedSession as expressSession } from '@scoped/express'
+import { scopedSession as honoSession } from '@scoped/hono'
 import { pgDriver, scopedPool } from '@scoped/pg'
+import express from 'express'
+import { Hono } from 'hono'
 import type pg from 'pg'
 import { afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { testMeterProvider } from '../../packages/core/test/otel-support.ts'
@@ -690,4 +697,171 @@ describe('OpenTelemetry claims of OBSERVABILITY.md, over a real pool', () => {
       await scope.close()
     }
   })
+})
+
+describe('an HTTP storm with client aborts (Hono and Express over real sockets): the channels and the database agree', () => {
+  type Route = 'ok' | 'fail' | 'missing' | 'slow' | 'nodb'
+  const routes: Route[] = ['ok', 'fail', 'missing', 'slow', 'ok', 'nodb', 'fail', 'ok']
+
+  for (const framework of ['hono', 'express'] as const) {
+    it(`${framework}: one release per acquire, one close per session that asked for one; totals, rows and pg_stat_activity add up`, async () => {
+      const t = testPool(url, `obs_http_${framework}`, { max: 4 })
+      const scopeName = `http-${framework}`
+      const scope = createScope({
+        driver: pgDriver(t.pool),
+        name: scopeName,
+        default: false,
+        acquireTimeoutMs: 20_000,
+        onError: () => {},
+      })
+      scopes.push(scope)
+      const db = scopedPool(scope)
+      const events = listen(scopeName)
+      const table = `http_${framework}`
+      await independentQuery(url, `CREATE TABLE ${table} (n int)`)
+      const insert = (n: number) => db.query(`INSERT INTO ${table} (n) VALUES ($1)`, [n])
+
+      let server: Server
+      if (framework === 'hono') {
+        const app = new Hono()
+        app.use(honoSession(scope, { cancelOnAbort: true }))
+        app.get('/ok/:n', async (c) => {
+          await insert(Number(c.req.param('n')))
+          return c.json({ ok: true })
+        })
+        app.get('/fail/:n', async (c) => {
+          await insert(Number(c.req.param('n')))
+          throw new Error('failed after the insert')
+        })
+        app.get('/missing/:n', async (c) => {
+          await db.query('SELECT 1 WHERE false')
+          return c.json({ error: 'no such thing' }, 404)
+        })
+        app.get('/slow/:n', async (c) => {
+          await db.query('SELECT pg_sleep(3)')
+          return c.json({ ok: true })
+        })
+        app.get('/nodb/:n', (c) => c.json({ ok: true }))
+        app.onError((_e, c) => c.json({ error: 'failed' }, 500))
+        server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' }) as Server
+      } else {
+        const app = express()
+        app.use(expressSession(scope, { cancelOnAbort: true }))
+        app.get('/ok/:n', async (req, res) => {
+          await insert(Number(req.params.n))
+          res.json({ ok: true })
+        })
+        app.get('/fail/:n', async (req) => {
+          await insert(Number(req.params.n))
+          throw new Error('failed after the insert')
+        })
+        app.get('/missing/:n', async (_req, res) => {
+          await db.query('SELECT 1 WHERE false')
+          res.status(404).json({ error: 'no such thing' })
+        })
+        app.get('/slow/:n', async (_req, res) => {
+          await db.query('SELECT pg_sleep(3)')
+          res.json({ ok: true })
+        })
+        app.get('/nodb/:n', (_req, res) => {
+          res.json({ ok: true })
+        })
+        server = app.listen(0, '127.0.0.1')
+      }
+      await new Promise<void>((resolve) => {
+        if (server.listening) resolve()
+        else server.once('listening', () => resolve())
+      })
+      const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+      try {
+        const status: Record<string, number> = {}
+        const one = async (i: number) => {
+          const route = routes[i % routes.length]!
+          const ac = new AbortController()
+          if (route === 'slow') setTimeout(() => ac.abort(), 100)
+          const got = await fetch(`${base}/${route}/${i}`, { signal: ac.signal }).then(
+            async (r) => {
+              await r.arrayBuffer()
+              return String(r.status)
+            },
+            () => 'aborted',
+          )
+          const key = `${route} ${got}`
+          status[key] = (status[key] ?? 0) + 1
+        }
+        for (let b = 0; b < 120; b += 24) {
+          await Promise.all(Array.from({ length: 24 }, (_, k) => one(b + k)))
+        }
+        const n = (k: string) => status[k] ?? 0
+        expect(status).toEqual({
+          'ok 200': n('ok 200'),
+          'fail 500': n('fail 500'),
+          'missing 404': n('missing 404'),
+          'slow aborted': n('slow aborted'),
+          'nodb 200': n('nodb 200'),
+        })
+        await waitFor('every session closed', () => scope.stats().open === 0)
+
+        // Per session: acquire and release alternate, close once and last.
+        const bySession = new Map<string, { name: string; seq: Name[] }>()
+        for (const e of events) {
+          const sess = (e.msg as AcquireMessage).session
+          if (!sess) continue
+          const entry = bySession.get(sess.id) ?? { name: sess.name, seq: [] }
+          entry.seq.push(e.ch)
+          bySession.set(sess.id, entry)
+        }
+        const wrong: string[] = []
+        for (const [id, { name, seq }] of bySession) {
+          const acq = seq.filter((c) => c === 'acquire').length
+          const rel = seq.filter((c) => c === 'release').length
+          const closes = seq.filter((c) => c === 'close').length
+          if (acq > 1 || acq !== rel || closes !== 1 || seq.at(-1) !== 'close')
+            wrong.push(`${id} ${name}: ${seq.join(' ')}`)
+        }
+        expect(wrong).toEqual([])
+        // One session per request that used the database; none for the route that did not.
+        const names = [...bySession.values()].map((v) => v.name)
+        expect(names.filter((x) => x.includes('/nodb'))).toEqual([])
+        expect(bySession.size).toBe(120 - n('nodb 200'))
+        const closes = of<CloseMessage>(events, 'close')
+        const outcomes = (route: string) =>
+          new Set(closes.filter((c) => c.session.name.includes(`/${route}/`)).map((c) => c.outcome))
+        expect(outcomes('ok')).toEqual(new Set(['committed']))
+        expect(outcomes('missing')).toEqual(new Set(['committed'])) // a 404 commits
+        expect(outcomes('fail')).toEqual(new Set(['rolled-back']))
+        for (const o of outcomes('slow')) expect(['rolled-back', 'empty']).toContain(o)
+
+        const st = scope.stats()
+        expect(st).toMatchObject({ open: 0, holding: 0, waiting: 0, inTransaction: 0 })
+        expect(scope.holders()).toEqual([])
+        expect(of(events, 'acquire')).toHaveLength(st.totals.acquired)
+        expect(of(events, 'release')).toHaveLength(st.totals.acquired)
+        expect(of(events, 'commit')).toHaveLength(st.totals.committed)
+        expect(of(events, 'rollback')).toHaveLength(st.totals.rolledBack)
+        expect(st.totals.committed).toBe(n('ok 200') + n('missing 404'))
+        expect(st.totals.rolledBack).toBe(
+          n('fail 500') +
+            closes.filter((c) => c.outcome === 'rolled-back' && c.session.name.includes('/slow/'))
+              .length,
+        )
+        expect(st.totals).toMatchObject({ destroyed: 0, leaks: 0, timeouts: 0, forced: 0 })
+
+        // The database: one row per 200 of /ok, none from /fail; the aborted sleeps were cancelled.
+        const rows = await committedRows<{ c: number }>(
+          url,
+          `SELECT count(*)::int AS c FROM ${table}`,
+        )
+        expect(rows[0]!.c).toBe(n('ok 200'))
+        await waitFor('no backend of the pool still active', async () =>
+          (await activity(url, t.app)).every((b) => b.state === 'idle'),
+        )
+        expectPoolSettled(t.pool)
+        await expectNoIdleInTransaction(url, t.app)
+      } finally {
+        server.closeAllConnections?.()
+        await new Promise((r) => server.close(r))
+      }
+    }, 60_000)
+  }
 })
