@@ -63,6 +63,11 @@ interface Pinned {
   parents: Transaction[]
   /** The session, learnt at BEGIN, for the error a kept EntityManager throws. */
   session: SessionInfo | undefined
+  /**
+   * The entities the fork managed when the outermost transaction began (undefined: none).
+   * Those loaded or persisted inside it are forgotten at its ROLLBACK (see rollback).
+   */
+  managedAtBegin: Set<object> | undefined
 }
 
 function closedError(session: SessionInfo | undefined): SessionClosedError {
@@ -207,6 +212,13 @@ function nothingToFlush(em: EntityManager): boolean {
     if ('beforeFlush' in s || 'onFlush' in s || 'afterFlush' in s) return false
   }
   return true
+}
+
+/** The entities the fork manages now; undefined when none (the usual BEGIN, at the first statement). */
+function managedNow(em: EntityManager): Set<object> | undefined {
+  const map = em.getUnitOfWork().getIdentityMap()
+  for (const _ of map) return new Set<object>(map)
+  return undefined
 }
 
 /** knex marked the connection broken (its pg client emitted 'error' or 'end'). */
@@ -376,7 +388,13 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
         useContext: false,
         disableContextResolution: true,
       }) as EntityManager
-      pinned.set(em, { connection, line, parents: [], session: undefined })
+      pinned.set(em, {
+        connection,
+        line,
+        parents: [],
+        session: undefined,
+        managedAtBegin: undefined,
+      })
       return em
     },
     async release(em, { destroy, error }) {
@@ -412,6 +430,7 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
     async begin(em, opts: TxOptions, info: SessionInfo) {
       const p = state(em, 'begin')
       p.session ??= { id: info.id, name: info.name }
+      p.managedAtBegin = managedNow(em)
       await announce(em, EventType.beforeTransactionStart)
       let trx = contexts.get(p.connection)
       if (trx && !trx.isCompleted?.()) {
@@ -455,11 +474,22 @@ export function mikroOrmDriver(orm: MikroORM): Driver<EntityManager> {
       await announce(em, EventType.beforeTransactionRollback, trx)
       await end(em, p, 'ROLLBACK')
       em.resetTransactionContext()
-      // What the fork loaded or changed may be what the database just undid: forget it all
-      // (as SQLAlchemy expires every instance on rollback), so the next read — a retried
-      // transaction(fn), the next unit of work — reads the rows as they are. Kept, a
-      // retry read its own failed attempt's changes and committed a lost update.
-      em.clear()
+      const uow = em.getUnitOfWork()
+      // The unit of work's pending work was the transaction's: dropped with it.
+      uow.getPersistStack().clear()
+      uow.getRemoveStack().clear()
+      uow.clearActionsQueue()
+      // What the fork loaded inside the transaction is what the database just undid, or
+      // read in a snapshot that is gone: forget it, so the next read (a retried
+      // transaction(fn), the next unit of work) reads the rows as they are. Kept, a retry
+      // read its failed attempt's entity and committed a lost update. Entities managed
+      // before the transaction stay managed (forgetting them would drop, silently, what a
+      // retry changes on them); their changes of the failed attempt stay in memory.
+      const before = p.managedAtBegin
+      p.managedAtBegin = undefined
+      for (const entity of [...uow.getIdentityMap()]) {
+        if (!before?.has(entity)) uow.unsetIdentity(entity)
+      }
       await announce(em, EventType.afterTransactionRollback, trx)
     },
     async savepoint(em) {
