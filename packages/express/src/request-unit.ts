@@ -380,17 +380,21 @@ export class RequestUnit implements TracedUnit {
   }
 
   /**
-   * Would this response have committed, had the unit of work not been aborted? Only
-   * when it has a session (a request that never used the database claims nothing). A
-   * commitOn that fails here counts as yes: its response is not sent as it stands.
+   * Does this response, of a unit of work an abort rolls back, claim that work was done?
+   * Only with an open transaction whose work the ROLLBACK undoes (not when no statement
+   * ran, or only autocommitted ones, `transaction: 'none'`), and only a success (2xx,
+   * 3xx: a timeout callback's 408 or 503 claims nothing) that commitOn would have
+   * committed (a 202 the application does not commit claims nothing either). A commitOn
+   * that throws here is reported, and its response counts as claiming.
    */
   #claimsCommit(res: ServerResponse): boolean {
-    if (this.open.existingSession === undefined) return false
+    if (res.statusCode >= 400 || this.open.existingSession?.inTransaction !== true) return false
     const commitOn = this.#options.commitOn
-    if (commitOn === defaultCommitOn) return this.#error === undefined && res.statusCode < 500
+    if (commitOn === defaultCommitOn) return this.#error === undefined
     try {
       return answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
-    } catch {
+    } catch (e) {
+      this.#report(e, 'scopedSession({ commitOn })')
       return true
     }
   }

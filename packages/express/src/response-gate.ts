@@ -133,6 +133,21 @@ export class ResponseGate {
       message: res.statusMessage,
       headers: { ...res.getHeaders() },
     }
+    const writeHead = res.writeHead
+    const setHeader = res.setHeader
+    const removeHeader = res.removeHeader
+    const ignored = (r: ServerResponse) => this.#state === 'holding' || r.headersSent
+    res.writeHead = function writeHeadHeld(this: ServerResponse, ...args: Args) {
+      if (ignored(this)) return this
+      return writeHead.apply(this, args as Parameters<ServerResponse['writeHead']>)
+    } as ServerResponse['writeHead']
+    res.setHeader = function setHeaderHeld(this: ServerResponse, ...args: Args) {
+      if (ignored(this)) return this
+      return setHeader.apply(this, args as Parameters<ServerResponse['setHeader']>)
+    } as ServerResponse['setHeader']
+    res.removeHeader = function removeHeaderHeld(this: ServerResponse, name: string) {
+      if (!ignored(this)) removeHeader.call(this, name)
+    }
   }
 
   #thaw(res: ServerResponse): void {
