@@ -220,6 +220,17 @@ export function describeOrdersService(
       expect(states.filter((s) => s !== 'idle')).toEqual([])
     })
 
+    /** The holders page once nobody holds a connection (or the last page seen, after 5 s). */
+    async function pageOnceIdle(): Promise<string> {
+      let html = ''
+      for (let i = 0; i < 100; i++) {
+        html = await (await fetch(`${base}/scoped`)).text()
+        if (html.includes('No session holds a connection right now.')) break
+        await new Promise((r) => setTimeout(r, 50))
+      }
+      return html
+    }
+
     it('/scoped lists a slow request while it holds its connection (querying), and nobody once it answered', async () => {
       const req = fetch(`${base}/orders/summary?slowMs=1500`)
       let html = ''
@@ -233,8 +244,7 @@ export function describeOrdersService(
         /<td>GET \/orders\/summary<\/td><td>(?:<code>[^<]*<\/code>)?<\/td><td class="num">[^<]+<\/td><td class="state-querying">querying<\/td>/,
       )
       expect((await req).status).toBe(200)
-      const after = await (await fetch(`${base}/scoped`)).text()
-      expect(after).toContain('No session holds a connection right now.')
+      expect(await pageOnceIdle()).toContain('No session holds a connection right now.')
     })
 
     /** A client reading an export of about 30 MB of NDJSON that stops reading after the first chunk. */
@@ -253,17 +263,6 @@ export function describeOrdersService(
       res.pause()
       await new Promise((r) => setTimeout(r, 300))
       return req
-    }
-
-    /** The holders page once nobody holds a connection (or the last page seen, after 5 s). */
-    async function pageOnceIdle(): Promise<string> {
-      let html = ''
-      for (let i = 0; i < 100; i++) {
-        html = await (await fetch(`${base}/scoped`)).text()
-        if (html.includes('No session holds a connection right now.')) break
-        await new Promise((r) => setTimeout(r, 50))
-      }
-      return html
     }
 
     it('GET /orders/export: "the session and its connection stay until the last row is written"', async () => {
