@@ -3,6 +3,8 @@
  * request its own scoped session: the handlers use the app-wide `orders` (a
  * Kysely `db` underneath) and never see a connection, a transaction or a release.
  */
+import { Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
 import { type Orders, parseOrderInput } from '@examples/shared'
 import type { Scope } from '@scoped/core'
 import { holdersPage } from '@scoped/core/page'
@@ -45,15 +47,13 @@ export function createApp({
   })
 
   // Streamed: the session (and its connection) stays until res.end(), which waits for the COMMIT.
+  // pipeline() waits for 'drain', and stops the rows (closing the cursor) if the client leaves:
+  // a hand-written `await once(res, 'drain')` would wait forever on a destroyed socket.
   app.get('/orders/export', async (req, res) => {
     const { limit } = req.query
     res.type('application/x-ndjson')
-    for await (const order of orders.exportAll(limit ? { limit: Number(limit) } : {})) {
-      if (!res.write(`${JSON.stringify(order)}\n`)) {
-        await new Promise((resolve) => res.once('drain', resolve))
-      }
-    }
-    res.end()
+    const rows = orders.exportAll(limit ? { limit: Number(limit) } : {})
+    await pipeline(Readable.from(ndjson(rows)), res)
   })
 
   app.get('/orders/summary', async (req, res) => {
@@ -104,4 +104,9 @@ export function createApp({
     /** Stop the holders page's sampler. */
     dispose: () => page.stop(),
   })
+}
+
+/** One JSON line per row. */
+async function* ndjson(rows: AsyncIterable<unknown>): AsyncGenerator<string> {
+  for await (const row of rows) yield `${JSON.stringify(row)}\n`
 }

@@ -2,6 +2,5 @@ import { describeOrdersService } from '../../shared/test/orders-service-suite.ts
 
 describeOrdersService('express-app', {
   metrics: false,
-  knownBugs: ['export-abort'],
   banner: /orders service \(express\) listening on (http:\/\/\S+)/,
 })
