@@ -904,12 +904,11 @@ describe('commit and rollback events of real PostgreSQL failures', () => {
     expect(scope.stats().totals).toMatchObject({ acquired: 1, committed: 1, rolledBack: 1 })
   })
 
-  // The core README ("Exactly-once close") says "The connection is destroyed, never returned,
-  // when it saw a connection-level error, when COMMIT/ROLLBACK failed, or when it was taken by
-  // force". A COMMIT that the server answers with an error (a deferred constraint) is not
-  // destroyed: pgDriver's isFatal() says the connection is sound, the ROLLBACK after it
-  // succeeds, and the connection goes back to the pool. This pins that behaviour (sound, and
-  // what the diagnostics.ts and CloseMessage wording implies); the README sentence overstates.
+  // The core README ("Exactly-once close"): "A COMMIT the server refused with an answer (a
+  // deferred constraint, a serialization failure) is followed by a ROLLBACK, and the
+  // connection, healthy and outside any transaction, goes back to the pool." (Before session
+  // 6 the README said a connection was destroyed whenever COMMIT/ROLLBACK failed, which
+  // overstated it: this probe found the difference.)
   it('a COMMIT that fails on a deferred constraint: rollback with the COMMIT error, no commit; the sound connection is returned, not destroyed', async () => {
     const t = testPool(url, 'obs_deferred', { max: 1 })
     const scope = createScope({ driver: pgDriver(t.pool), name: 'deferred-db', default: false })
