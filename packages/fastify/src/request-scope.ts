@@ -344,7 +344,8 @@ export class RequestScope {
   /**
    * The COMMIT failed: Fastify's error handler answers instead, and nothing the
    * handler's response claimed may go with it (a Set-Cookie of a login that
-   * rolled back, a Location or ETag of work that was not saved).
+   * rolled back, a Location or ETag of work that was not saved, a Cache-Control
+   * that lets a shared cache keep the 500).
    */
   #answerFailed(done: (error: Error | null, payload?: unknown) => void, failure: unknown): void {
     const reply = this.#reply
@@ -558,9 +559,14 @@ function isRequestTimeout(reply: FastifyReply): boolean {
   return socket?.errored?.code === 'ERR_HTTP_REQUEST_TIMEOUT'
 }
 
-/** The error that replaces a response whose unit of work could not be committed: always a 500. */
-/** Headers that describe the body or the state the failed response claimed; its 500 must not keep them. */
+/**
+ * Headers that describe the body or the state the failed response claimed, or
+ * how long it may be cached (a shared cache must not keep the 500 under the
+ * handler's `public, max-age`); its 500 must not keep them.
+ */
 const claimHeaders = [
+  'cache-control',
+  'expires',
   'content-type',
   'content-length',
   'content-encoding',
@@ -575,6 +581,7 @@ const claimHeaders = [
   'transfer-encoding',
 ]
 
+/** The error that replaces a response whose unit of work could not be committed: always a 500. */
 function commitError(name: string, cause: unknown): Error {
   const reason = cause instanceof Error ? cause.message : String(cause)
   const error = new TransactionStateError(

@@ -566,4 +566,31 @@ describe('a failed COMMIT and the headers set before the handler', () => {
     expect(res.headers.get('x-request-id')).toBe('rid-1')
     expect(await exists('children', 'cors-1')).toBe(false)
   })
+
+  // Session 6: the handler's caching claims go with its response. A cacheable GET that also
+  // writes (a view counter) sets `Cache-Control: public, max-age=3600` and an Expires; a shared
+  // cache may store any status that carries them, so a CDN would serve the 500 for an hour.
+  it('the 500 drops the handler’s Cache-Control: public, max-age=3600 and Expires, keeps Vary and a custom header', async () => {
+    const { base } = await app((a) => {
+      a.get('/page/:id', async (req, reply) => {
+        await insertOrphan((req.params as { id: string }).id)
+        reply.header('cache-control', 'public, max-age=3600')
+        reply.header('expires', new Date(Date.now() + 3_600_000).toUTCString())
+        reply.header('vary', 'Accept-Language')
+        reply.header('x-trace', 't-1')
+        return reply.type('text/plain').send('a page')
+      })
+    })
+    const res = await fetch(`${base}/page/cc-1`)
+    expect(res.status).toBe(500)
+    await res.arrayBuffer()
+    await expectSettled(h)
+    expect({
+      cacheControl: res.headers.get('cache-control'),
+      expires: res.headers.get('expires'),
+      vary: res.headers.get('vary'),
+      trace: res.headers.get('x-trace'),
+    }).toEqual({ cacheControl: null, expires: null, vary: 'Accept-Language', trace: 't-1' })
+    expect(await exists('children', 'cc-1')).toBe(false)
+  })
 })

@@ -267,10 +267,15 @@ export function liveBody(
 
 /**
  * Headers that describe the body or the state the response claims (what it
- * stored, where it now is, who is logged in): a failed COMMIT's 500 must not
- * carry them. The same list as `@scoped/express` and `@scoped/fastify`.
+ * stored, where it now is, who is logged in), or how long it may be cached
+ * (a shared cache must not keep the 500 under the handler's `public,
+ * max-age`): a failed COMMIT's 500 must not carry them. The same list as
+ * `@scoped/fastify`; `@scoped/express` drops the others and answers
+ * `Cache-Control: no-store` instead of the handler's.
  */
-const claimHeaders = new Set([
+export const claimHeaders: ReadonlySet<string> = new Set([
+  'cache-control',
+  'expires',
   'content-type',
   'content-length',
   'content-encoding',

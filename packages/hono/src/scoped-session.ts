@@ -14,7 +14,13 @@ import {
   type ScopedSessionOptions,
 } from './options.js'
 import { isTimeout, RequestLifecycle } from './request-lifecycle.js'
-import { bodyIsFinished, cancelBody, inspectBody, keptHeaders } from './response-body.js'
+import {
+  bodyIsFinished,
+  cancelBody,
+  claimHeaders,
+  inspectBody,
+  keptHeaders,
+} from './response-body.js'
 import { lazyRouteName, routeName } from './route-name.js'
 import { lifeOf } from './scoped-fetch.js'
 
@@ -171,23 +177,29 @@ function commitFailed(c: Context, e: unknown): never {
 
 /**
  * Drop the handler's response and the headers that describe it or claim what
- * it did (content-*, ETag, Location, Set-Cookie, …; see `keptHeaders()`), keep
- * the rest (CORS, request ids, set by middleware before this one): Hono builds
- * app.onError's answer on the Context's prepared headers (what
- * `c.header()`/`setCookie()` wrote, the same object the handler's `c.json()`
- * used), so a `Set-Cookie` of a login that rolled back would otherwise go out
- * with the 500, and a browser needs Access-Control-Allow-Origin to read it.
+ * it did (content-*, ETag, Location, Set-Cookie, Cache-Control, …; see
+ * `keptHeaders()`), keep the rest (CORS, request ids, set by middleware before
+ * this one): Hono builds app.onError's answer on the Context's prepared
+ * headers (what `c.header()`/`setCookie()` wrote, often the same object the
+ * handler's `c.json()` used), so a `Set-Cookie` of a login that rolled back
+ * would otherwise go out with the 500, and a browser needs
+ * Access-Control-Allow-Origin to read it.
+ *
+ * The response's own headers are only read, never changed: they may be
+ * immutable (`Response.redirect()`, a proxied `fetch()`), and deleting from
+ * them would throw a TypeError in place of the COMMIT's error.
  */
 function discardResponse(c: Context): void {
   const headers = c.res.headers
   const kept = keptHeaders(headers)
-  const names = [...new Set(headers.keys())]
-  for (const name of names) headers.delete(name)
+  const names = new Set([...headers.keys(), ...claimHeaders])
   replaceResponse(c, undefined)
-  // The Response may hold a copy of the prepared headers (c.redirect()'s Location, an ETag
-  // set with c.header() before c.body()): clear them where c.header() keeps them, with no
-  // response in place (c.header() on a finalized Context would copy the response instead),
-  // then put back those the 500 keeps.
+  // With no response in place, c.header() writes to the prepared headers (on a finalized
+  // Context it would copy the response instead). They may be the response's own headers
+  // object (c.json() with nothing set before), or an older set (c.redirect()'s Location, an
+  // ETag set with c.header() before c.body(), copied into the response; a Set-Cookie set
+  // before returning a Response of its own): clear there every name the response had and
+  // every claim header, then put back those the 500 keeps.
   c.finalized = false
   for (const name of names) c.header(name, undefined)
   for (const [name, value] of kept) c.header(name, value)
