@@ -30,6 +30,8 @@ export type Write = (this: ServerResponse, ...args: Args) => boolean
 
 /** Headers that describe the body or the state the failed response claimed; a 500 must not keep them. */
 const claimHeaders = [
+  'cache-control',
+  'expires',
   'content-type',
   'content-length',
   'content-encoding',
