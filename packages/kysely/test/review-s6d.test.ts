@@ -6,9 +6,17 @@
  * plugins (CamelCasePlugin, withPlugin, withSchema) on the scoped instance and
  * derived instances used across scopes. A passing probe is a regression test.
  */
+import { createRequire } from 'node:module'
 import { NoActiveScopeError } from '@scoped/core'
 import { scopedKysely } from '@scoped/kysely'
-import { CamelCasePlugin, CompiledQuery, type Kysely, PostgresDialect, sql } from 'kysely'
+import {
+  CamelCasePlugin,
+  CompiledQuery,
+  type Generated,
+  type Kysely,
+  PostgresDialect,
+  sql,
+} from 'kysely'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { backends, independentQuery } from '../../../test/support/db.ts'
 import { type DB, type Fixture, fixture } from './support.ts'
@@ -17,11 +25,9 @@ let f: Fixture
 
 beforeAll(async () => {
   // A real cursor (pg-cursor, a dependency of the examples only): a break must close its portal.
-  const Cursor = (
-    (await import('../../../examples/shared/node_modules/pg-cursor/index.js')) as {
-      default: unknown
-    }
-  ).default
+  const Cursor: unknown = createRequire(import.meta.url)(
+    '../../../examples/shared/node_modules/pg-cursor',
+  )
   f = await fixture('kysely_review_s6d', {
     max: 3,
     dialect: (pool) => new PostgresDialect({ pool, cursor: Cursor as never }),
@@ -206,7 +212,7 @@ describe('a real pg-cursor stream left midway', () => {
 
 describe('Kysely plugins and derived instances', () => {
   interface CamelDB {
-    orders: { id: number; note: string; createdBy: string | null }
+    orders: { id: Generated<number>; note: string; createdBy: string | null }
   }
 
   it('CamelCasePlugin given to scopedKysely: camelCase in, snake_case on the wire, camelCase out; in the unit of work', async () => {
