@@ -117,10 +117,10 @@ describe('pg: (3) a connection kept past its request', () => {
 
   // (1) habit from plain pg: `const c = await session.connection(); try { … } finally { c.release() }`.
   // The user needs an error at the release() (or at the scope's end) saying the session owns the
-  // connection and releases it itself. What they get: the request resolves, the COMMIT is sent on
-  // a client that is already back in the pool, and the double release is only logged
-  // ("[scoped] release failed … Release called on client which has already been released").
-  it.fails('client.release() called by the user on the session connection: the request fails loudly', async () => {
+  // connection and releases it itself. What they got before session 6's fix: the request
+  // resolved, the COMMIT was sent on a client already back in the pool, and the double release
+  // was only logged. Now pgDriver's release() on a session's client throws a TypeError saying so.
+  it('client.release() called by the user on the session connection: the request fails loudly', async () => {
     const outcome = await scope
       .run(
         async () => {
@@ -140,14 +140,18 @@ describe('pg: (3) a connection kept past its request', () => {
     })
     expectPoolSettled(t.pool)
     await expectNoIdleInTransaction(url, t.app)
-    expect(outcome).toBeInstanceOf(Error)
+    expect(outcome).toBeInstanceOf(TypeError)
+    expect((outcome as Error).message).toMatch(
+      /gives its connection back itself.*Fix: remove the release\(\) call/,
+    )
   })
 
   // The same habit with a second request waiting (pool of 1): the pool hands the released client to
   // POST /b while POST /a still owns it; a's end then COMMITs b's half-done transaction, and b's
   // later failure cannot undo its write. The user needs b's write rolled back with b (or a's
-  // release() refused); they get b's row committed although b threw.
-  it.fails("client.release() by the user, another request gets the client: the other's failed work is not committed", async () => {
+  // release() refused); they got b's row committed although b threw. Fixed in session 6: a's
+  // release() is refused (TypeError), a rolls back, and b's failure undoes its own write.
+  it("client.release() by the user, another request gets the client: the other's failed work is not committed", async () => {
     const aDone = gate()
     const bWrote = gate()
     const a = scope.run(

@@ -32,6 +32,24 @@ export interface PgDriverOptions {
 interface ClientState {
   error: Error | undefined
   releasedAt: number
+  /** pg-pool's `release` of the current checkout (it makes one per checkout); see ownRelease. */
+  release: ((err?: Error | boolean) => void) | undefined
+}
+
+/**
+ * What a checked-out client's `release` becomes while a session holds it. The session
+ * gives it back itself, at the end of its request or job; a `release()` of the user's
+ * (the plain-pg `finally { client.release() }` habit, after `getSession().connection()`)
+ * would hand the client to the next request while this one still owns it, and this
+ * one's COMMIT would then commit the next request's work.
+ */
+function refuseRelease(): never {
+  throw new TypeError(
+    "release() on a session's connection: the session gives its connection back itself, when " +
+      'its request or job ends (a release() now would hand it to another request while this ' +
+      'one still uses it). Fix: remove the release() call; for a connection of your own, use ' +
+      'pool.connect() outside the scope.',
+  )
 }
 
 const known = new Set(['statementTimeoutMs', 'applicationName', 'validateIdleMs', 'onIdleError'])
@@ -173,7 +191,7 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
   const track = (client: pg.PoolClient): ClientState => {
     let state = states.get(client)
     if (!state) {
-      const s: ClientState = { error: undefined, releasedAt: 0 }
+      const s: ClientState = { error: undefined, releasedAt: 0, release: undefined }
       states.set(client, s)
       // Attached once per client, for its whole life: a checked-out client has no other listener.
       client.on('error', (err) => {
@@ -215,7 +233,8 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
           reject(err ?? new Error('pgDriver: pool.connect() gave neither a client nor an error'))
           return
         }
-        if (ready(track(client))) resolve(client)
+        const state = track(client)
+        if (ready(state)) resolve(own(client, state))
         else resolve(acquireSlowly(signal, client))
       })
     })
@@ -250,8 +269,27 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
           continue
         }
       }
-      return client
+      return own(client, state)
     }
+  }
+
+  /** The session owns the client from here: its `release` refuses (see refuseRelease). */
+  const own = (client: pg.PoolClient, state: ClientState): pg.PoolClient => {
+    state.release = client.release
+    client.release = refuseRelease
+    return client
+  }
+
+  /** Give the client back to pg-pool through the checkout's own `release`. */
+  const giveBack = (client: pg.PoolClient, state: ClientState | undefined, err?: Error): void => {
+    const release = state?.release
+    if (release === undefined) {
+      client.release(err)
+      return
+    }
+    state!.release = undefined
+    client.release = release
+    release(err)
   }
 
   const releaseNow = (client: pg.PoolClient, destroy: boolean, error: unknown): void => {
@@ -266,11 +304,11 @@ export function pgDriver(pool: pg.Pool, options: PgDriverOptions = {}): Driver<p
           : new Error(
               dirty ? 'client released inside a transaction' : 'client destroyed by @scoped/pg',
             )
-      client.release(err)
+      giveBack(client, state, err)
       return
     }
     if (state) state.releasedAt = performance.now()
-    client.release()
+    giveBack(client, state)
   }
 
   const driver: Driver<pg.PoolClient> = {
