@@ -7,8 +7,8 @@
  * derived instances used across scopes. A passing probe is a regression test.
  */
 import { createRequire } from 'node:module'
-import { NoActiveScopeError } from '@scoped/core'
-import { scopedKysely } from '@scoped/kysely'
+import { createScope, NoActiveScopeError } from '@scoped/core'
+import { kyselyDriver, scopedKysely } from '@scoped/kysely'
 import {
   CamelCasePlugin,
   CompiledQuery,
@@ -17,6 +17,7 @@ import {
   PostgresDialect,
   sql,
 } from 'kysely'
+import pg from 'pg'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { backends, independentQuery } from '../../../test/support/db.ts'
 import { type DB, type Fixture, fixture } from './support.ts'
@@ -274,5 +275,53 @@ describe('Kysely plugins and derived instances', () => {
     await expect(
       f.db.withSchema('archive').selectFrom('orders').selectAll().execute(),
     ).rejects.toBeInstanceOf(NoActiveScopeError)
+  })
+})
+
+describe('a stream iterator dropped without return()', () => {
+  // README (Semantics): ".stream() ... holds the connection from the first row until the stream
+  // ends (finished, `break`, or error)"; (Limits, the same shape for startTransaction()): "the
+  // scope's end waits for it (leak detection warns after leakDetectionMs; maxHoldMs takes the
+  // connection)".
+  it('the scope end does not hang forever: maxHoldMs takes the connection, nothing commits, the pool is idle', async () => {
+    const Cursor: unknown = createRequire(import.meta.url)(
+      '../../../examples/shared/node_modules/pg-cursor',
+    )
+    const pool = new pg.Pool({ connectionString: f.url, application_name: `${f.app}_dr`, max: 1 })
+    const dialect = new PostgresDialect({ pool, cursor: Cursor as never })
+    const scope = createScope({
+      driver: kyselyDriver(dialect, { pool }),
+      name: 'dropped',
+      default: false,
+      maxHoldMs: 300,
+      leakDetectionMs: 0,
+      onError: () => {},
+    })
+    const db = scopedKysely<DB>(scope)
+    try {
+      const r = await Promise.race([
+        scope
+          .run(async () => {
+            await db.insertInto('orders').values({ note: 'dropped-unit' }).execute()
+            const it = db
+              .selectNoFrom(sql<number>`generate_series(1, 100000)`.as('n'))
+              .stream(10)
+              [Symbol.asyncIterator]()
+            await it.next()
+            // dropped: neither return() nor the rest of the rows
+          })
+          .then(
+            () => 'resolved',
+            (e: unknown) => (e as Error).message,
+          ),
+        new Promise((resolve) => setTimeout(() => resolve('still pending after 5 s'), 5000)),
+      ])
+      expect(r).toMatch(/maxHoldMs/)
+      expect(await f.notes()).toEqual([])
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      expect(pool.totalCount).toBe(pool.idleCount)
+    } finally {
+      await scope.close({ timeoutMs: 500 }).catch(() => {})
+    }
   })
 })
