@@ -42,6 +42,7 @@ describe('pg: (3) a connection kept past its request', () => {
   // request to fail (SessionClosedError naming 'POST /first'), as a memoised Session does. What
   // they get: the pg.PoolClient is the raw pooled client, idle in the pool; the INSERT succeeds in
   // autocommit and 'late' is committed, with no error and no warning.
+  // Documented limit (packages/pg README, "A client kept past its session is not fenced").
   it.fails('a pg.PoolClient from session.connection() used after its scope: fails loudly, writes nothing', async () => {
     let cached: pg.PoolClient | undefined
     await scope.run(
