@@ -325,3 +325,26 @@ describe('a stream iterator dropped without return()', () => {
     }
   })
 })
+
+describe("outsideScope: 'pool' and streams", () => {
+  it('a cursor stream outside any scope left by break: the pooled connection goes back, no portal or statement left; db.connection() there keeps one backend', async () => {
+    const pooled = scopedKysely<DB>(f.scope, { dialect: f.dialect, outsideScope: 'pool' })
+    let n = 0
+    for await (const _row of pooled
+      .selectNoFrom(sql<number>`generate_series(1, 1000000)`.as('n'))
+      .stream(5)) {
+      if (++n === 7) break
+    }
+    expect(n).toBe(7)
+    await new Promise((r) => setTimeout(r, 50))
+    expect(f.pool.totalCount).toBe(f.pool.idleCount)
+    const active = (await backends(f.url, f.app)).filter((b) => b.state !== 'idle')
+    expect(active).toEqual([])
+    const pids = await pooled.connection().execute(async (conn) => {
+      const a = await sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`.execute(conn)
+      const b = await sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`.execute(conn)
+      return [a.rows[0]!.pid, b.rows[0]!.pid]
+    })
+    expect(pids[0]).toBe(pids[1])
+  })
+})
