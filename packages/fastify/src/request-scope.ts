@@ -27,6 +27,8 @@ type HandlerState = 'not-started' | 'running' | 'settled'
 
 const objectTag = Object.prototype.toString
 
+const noop = () => {}
+
 /** What `#finishNow` returns when the unit of work cannot end without awaiting. */
 const notYet = Symbol('not yet')
 /** `#ending` of a unit of work that ended at once, without a failure (one promise for all of them). */
@@ -48,8 +50,8 @@ export class RequestScope {
   #watching = false
   /** onSend ran: a response (or its stream) is on its way. */
   #responded = false
-  /** A stream body we wrapped is still being read: its end (or failure) ends the unit of work. */
-  #bodyInFlight = false
+  /** A stream body we wrapped, not ended yet: its end (or failure) ends the unit of work. */
+  #body: BodyEnd | undefined
   /** The response went out as a rollback while the handler still ran: end when it settles. */
   #deferred = false
   /** 'close' fired on the raw response. */
@@ -139,7 +141,7 @@ export class RequestScope {
     this.#handler = 'settled'
     this.#running = undefined
     if (this.#ending) return
-    if (this.#bodyInFlight && this.#reply.raw.writableEnded) return // its body's end decides
+    if (this.#body !== undefined && this.#reply.raw.writableEnded) return // its body's end decides
     if (this.#deferred || this.#closed) void this.#finishQuietly(this.#afterClose())
     // Otherwise the reply is on its way: onSend (or, for a hijacked reply, 'close') ends it.
   }
@@ -373,9 +375,21 @@ export class RequestScope {
       })
     }
     if (this.#ending) return
-    // The response ended while the stream body we wrapped is still being read (a HEAD
-    // answered without it: Fastify drains the stream): the body's end decides.
-    if (this.#bodyInFlight && res.writableEnded) return
+    const body = this.#body
+    if (body !== undefined && res.writableEnded) {
+      // The response ended while the stream body we wrapped is still being read (a HEAD
+      // answered without it: Fastify drains the stream): the body's end decides.
+      if (body.read) return
+      // Never read, and now never will be: a later onSend hook replaced it (a 304) or
+      // failed (its error response went out instead), or a 204 left a web stream unread.
+      // Stop its source, and decide on the response that went out.
+      this.#body = undefined
+      body.abandon()
+      if (this.#handler !== 'running') {
+        void this.#finishQuietly(this.#decideQuietly(res.statusCode))
+        return
+      }
+    }
     if (this.#handler === 'running') {
       // It ends when the handler settles.
       this.#watch()
@@ -391,8 +405,13 @@ export class RequestScope {
   #afterClose(): boolean {
     const res = this.#reply.raw
     if (this.#deferred || this.#responded || !this.#closed || !res.writableEnded) return false
+    return this.#decideQuietly(res.statusCode)
+  }
+
+  /** #decide where nobody can be answered any more: a commitOn that fails is logged, and rolls back. */
+  #decideQuietly(status: number): boolean {
     try {
-      return this.#decide(res.statusCode)
+      return this.#decide(status)
     } catch (error) {
       this.#reply.log.error(
         { err: error },
@@ -421,11 +440,12 @@ export class RequestScope {
   }
 
   #bodyEnd(commit: boolean): BodyEnd {
-    this.#bodyInFlight = true
-    return {
+    const body: BodyEnd = {
+      read: false,
+      abandon: noop,
       enter: (fn) => this.open.enter(fn),
       end: () => {
-        this.#bodyInFlight = false
+        this.#body = undefined
         return this.#finish(commit).then((failure) => {
           if (failure === undefined) return undefined
           const error = commitError(this.open.name, failure)
@@ -437,10 +457,15 @@ export class RequestScope {
         })
       },
       fail: () => {
-        this.#bodyInFlight = false
-        void this.#finishQuietly(false)
+        this.#body = undefined
+        // Fastify's HEAD route cancels a web stream body instead of draining it (a Node
+        // stream it drains, and that commits): nothing was cut off, the decision stands.
+        const head = this.#reply.request.raw.method === 'HEAD' && this.open.aborted === undefined
+        void this.#finishQuietly(head && commit)
       },
     }
+    this.#body = body
+    return body
   }
 
   /** End the unit of work, once. Resolves to what made a requested commit fail (undefined when nothing did). */

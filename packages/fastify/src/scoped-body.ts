@@ -21,6 +21,13 @@ export interface BodyEnd {
   end(): Promise<unknown>
   /** The body failed or was cut off: roll back. */
   fail(): void
+  /** Set by the wrapper once someone asked it for a chunk. */
+  read: boolean
+  /**
+   * Set by the wrapper: stop the source of a body nobody will read (the response ended
+   * without it), without ending the unit of work (the caller does).
+   */
+  abandon: () => void
 }
 
 const noop = () => {}
@@ -72,21 +79,30 @@ export function scopedStream(
   const hold = new LastHeld(holdLast)
   const out = new Readable({
     read() {
+      body.read = true
       if (pulling) return
       pulling = true
       body.enter(pump)
     },
     destroy(error, callback) {
       if (!over) {
-        // Cut off (client gone, timeout): stop the source and roll back.
+        // Cut off (client gone, timeout): stop the source and roll back. The iterator's
+        // return() waits behind a pending next() (a source idle, waiting for data), so
+        // the source is destroyed too.
         over = true
         body.fail()
-        if (iterator?.return) iterator.return().catch(noop)
-        else (readable as Readable).destroy?.()
+        iterator?.return?.().catch(noop)
+        ;(readable as Readable).destroy?.()
       }
       callback(error)
     },
   })
+  body.abandon = () => {
+    if (over) return
+    over = true
+    ;(readable as Readable).destroy?.()
+    out.destroy()
+  }
 
   async function pump(): Promise<void> {
     try {
@@ -131,40 +147,50 @@ export function scopedWebStream(
   const reader = source.getReader()
   let over = false
   const hold = new LastHeld(holdLast)
-  return new ReadableStream({
-    pull(controller) {
-      return body.enter(async () => {
-        for (;;) {
-          let next: { done: boolean; value?: unknown }
-          try {
-            next = await reader.read()
-          } catch (error) {
+  body.abandon = () => {
+    if (over) return
+    over = true
+    reader.cancel().catch(noop)
+  }
+  return new ReadableStream(
+    {
+      pull(controller) {
+        body.read = true
+        return body.enter(async () => {
+          for (;;) {
+            let next: { done: boolean; value?: unknown }
+            try {
+              next = await reader.read()
+            } catch (error) {
+              over = true
+              body.fail()
+              throw error
+            }
+            if (!next.done) {
+              const chunk = hold.pass(next.value)
+              if (chunk === nothing) continue
+              controller.enqueue(chunk)
+              return
+            }
             over = true
-            body.fail()
-            throw error
-          }
-          if (!next.done) {
-            const chunk = hold.pass(next.value)
-            if (chunk === nothing) continue
-            controller.enqueue(chunk)
+            const failure = await body.end()
+            if (failure === undefined) {
+              if (hold.last !== nothing) controller.enqueue(hold.last)
+              controller.close()
+            } else controller.error(failure)
             return
           }
+        })
+      },
+      cancel(reason) {
+        if (!over) {
           over = true
-          const failure = await body.end()
-          if (failure === undefined) {
-            if (hold.last !== nothing) controller.enqueue(hold.last)
-            controller.close()
-          } else controller.error(failure)
-          return
+          body.fail()
         }
-      })
+        return reader.cancel(reason)
+      },
     },
-    cancel(reason) {
-      if (!over) {
-        over = true
-        body.fail()
-      }
-      return reader.cancel(reason)
-    },
-  })
+    // Pulled only when read: a body nobody reads is told apart from one being read.
+    { highWaterMark: 0 },
+  )
 }
