@@ -80,12 +80,7 @@ async function measure(file: string, variant: string, round: number): Promise<Co
   mkdirSync(dir, { recursive: true })
   const child = fork(file, [], {
     execPath: 'valgrind',
-    execArgv: [
-      '--tool=callgrind',
-      '--instr-atstart=no',
-      `--callgrind-out-file=${dir}/cg.%p`,
-      node,
-    ],
+    execArgv: ['--tool=callgrind', '--instr-atstart=no', `--callgrind-out-file=${dir}/cg.%p`, node],
     env: {
       ...process.env,
       NODE_ENV: 'production',
