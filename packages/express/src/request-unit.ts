@@ -334,11 +334,7 @@ export class RequestUnit implements TracedUnit {
     }
     let commit: boolean
     try {
-      const commitOn = this.#options.commitOn
-      commit =
-        commitOn === defaultCommitOn
-          ? this.#error === undefined && res.statusCode < 500
-          : answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
+      commit = this.#commitOn(res)
     } catch (e) {
       // The response claims an outcome nobody could decide: do not send it as if committed.
       this.#report(e, 'scopedSession({ commitOn })')
@@ -389,14 +385,19 @@ export class RequestUnit implements TracedUnit {
    */
   #claimsCommit(res: ServerResponse): boolean {
     if (res.statusCode >= 400 || this.open.existingSession?.inTransaction !== true) return false
-    const commitOn = this.#options.commitOn
-    if (commitOn === defaultCommitOn) return this.#error === undefined
     try {
-      return answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
+      return this.#commitOn(res)
     } catch (e) {
       this.#report(e, 'scopedSession({ commitOn })')
       return true
     }
+  }
+
+  /** commitOn's answer for this response (the default without making its argument); throws what it throws. */
+  #commitOn(res: ServerResponse): boolean {
+    const commitOn = this.#options.commitOn
+    if (commitOn === defaultCommitOn) return this.#error === undefined && res.statusCode < 500
+    return answered(commitOn({ status: res.statusCode, error: this.#error?.value }))
   }
 
   /**

@@ -32,7 +32,7 @@ export interface PgDriverOptions {
 interface ClientState {
   error: Error | undefined
   releasedAt: number
-  /** pg-pool's `release` of the current checkout (it makes one per checkout); see ownRelease. */
+  /** pg-pool's `release` of the current checkout (it makes one per checkout); see own(). */
   release: ((err?: Error | boolean) => void) | undefined
 }
 
