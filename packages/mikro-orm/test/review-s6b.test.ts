@@ -1,8 +1,9 @@
 /**
- * Session 6 review, round b: probes of the change that makes the outermost
- * ROLLBACK clear the fork (`em.clear()`), against a real PostgreSQL. What an
- * entity loaded before a rolled-back `transaction(fn)` becomes, and what a
- * retried `transaction(fn, { retry })` does with one.
+ * Session 6 review, round b: probes of the change to what the outermost
+ * ROLLBACK forgets (first `em.clear()`, then only the entities the transaction
+ * loaded, after these probes), against a real PostgreSQL. What an entity loaded
+ * before a rolled-back `transaction(fn)` becomes, and what a retried
+ * `transaction(fn, { retry })` does with one.
  */
 import type { EntityManager, MikroORM } from '@mikro-orm/postgresql'
 import { createScope } from '@scoped/core'
